@@ -1,0 +1,102 @@
+"""`fsa-distill`: run the flow (Hydra), score predictions, serve the flow as a Prefect deployment.
+
+fsa-distill run [-m] [OVERRIDE ...]     compose conf/ with overrides and run the flow
+fsa-distill score --dataset D --predictions FILE
+fsa-distill serve [--name NAME] [OVERRIDE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from fsa_distill import CONF_DIR
+
+
+def _run(argv: list[str]) -> int:
+    import hydra
+    from omegaconf import DictConfig
+
+    from fsa_distill.config import register, to_plain
+    from fsa_distill.env import configure
+
+    register()
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    def job(cfg: DictConfig) -> None:
+        plain = to_plain(cfg)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        configure(plain["workdir"])
+        _set_threads(plain)
+        from flows.pipeline import fsa_distill
+
+        result = fsa_distill(config=plain)
+        print(json.dumps({"parent_run_id": result["parent_run_id"], "report": result["report"]}))
+
+    sys.argv = [sys.argv[0], *argv]
+    job()
+    return 0
+
+
+def _set_threads(cfg: dict[str, Any]) -> None:
+    if cfg.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg["torch_threads"]))
+
+
+def _score(argv: list[str]) -> int:
+    from benchmark.scoring import score_file
+    from fsa_distill.errors import InputError
+
+    parser = argparse.ArgumentParser(prog="fsa-distill score", description="Score a model's predictions.")
+    parser.add_argument("--dataset", required=True, help="atsa/rest14, atsa/laptop14, acsa/rest16 or acsa/laptop16")
+    parser.add_argument("--predictions", required=True, help='JSON lines {"ID": ..., "prediction": "..."}')
+    parser.add_argument("--source", default=None, help="data source (default: FSA_DATA_SOURCE or data.source)")
+    args = parser.parse_args(argv)
+    source = args.source
+    if source is None:
+        from fsa_distill.config import compose_config
+
+        source = compose_config([])["data"]["source"]
+    try:
+        result = score_file(args.dataset, args.predictions, source)
+    except (InputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _serve(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fsa-distill serve", description="Serve the flow as a deployment.")
+    parser.add_argument("--name", default="default", help="deployment name")
+    parser.add_argument("overrides", nargs="*", help="default Hydra overrides of the deployment")
+    args = parser.parse_args(argv)
+    from fsa_distill.config import compose_config
+    from fsa_distill.env import configure
+
+    configure(compose_config(args.overrides)["workdir"])
+    from flows.pipeline import fsa_distill
+
+    fsa_distill.serve(name=args.name, parameters={"overrides": list(args.overrides)})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch the sub-command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"run": _run, "score": _score, "serve": _serve}
+    if not argv or argv[0] not in commands:
+        print(__doc__, file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

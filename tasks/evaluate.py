@@ -1,0 +1,125 @@
+"""Stage `evaluate`: greedy generation over length-sorted batches, parsed and scored per test type."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from benchmark.protocol import parse_pairs, score_rows
+from fsa_distill.artifacts import Artifact
+from fsa_distill.models import load_seq2seq
+from tasks.acquire import read_meta
+from tasks.stage import stage
+
+PAIR = pa.struct([("label", pa.string()), ("polarity", pa.string())])
+PREDICTIONS = pa.schema(
+    [
+        ("ID", pa.string()),
+        ("split", pa.string()),
+        ("sentence", pa.string()),
+        ("gold", pa.string()),
+        ("prediction", pa.string()),
+        ("pairs", pa.list_(PAIR)),
+        ("implicit", pa.bool_()),
+        ("mams", pa.bool_()),
+    ]
+)
+
+
+def device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.inference_mode()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 100,
+    num_beams: int = 1,
+    sort_by_length: bool = True,
+    max_source_length: int = 512,
+) -> list[str]:
+    """Greedy (or beam) generation in batches; outputs come back in the order of `texts`.
+
+    Sorting by token length puts sentences of similar length together, so batches carry little
+    padding and finish decoding at about the same step (see benchmark/bench_evaluate.py).
+    """
+    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_source_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i]) if sort_by_length else list(range(len(texts)))
+    outputs: list[str] = [""] * len(texts)
+    dev = model.device
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = tokenizer(
+            [texts[i] for i in idx],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_source_length,
+        ).to(dev)
+        generated = model.generate(
+            **batch, max_new_tokens=max_new_tokens, max_length=None, num_beams=num_beams, do_sample=False
+        )
+        for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True), strict=True):
+            outputs[i] = text.strip()
+    return outputs
+
+
+def load_model(folder: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A saved student and its tokenizer, on the best available device, in eval mode."""
+    model, tokenizer = load_seq2seq(folder)
+    return model.to(device()).eval(), tokenizer
+
+
+@stage("evaluate", code=("benchmark.protocol",))
+def evaluate(out: Path, *, model: Artifact, data: Artifact, benchmark: dict[str, Any]) -> None:
+    """Write `predictions.parquet` (test + hard_test) and `metrics.json` ({test_type: P/R/F1})."""
+    task = read_meta(data.path)["task"]
+    rows = (
+        pq.read_table(Path(data.path) / "test.parquet").to_pylist()
+        + pq.read_table(Path(data.path) / "hard_test.parquet").to_pylist()
+    )
+    net, tokenizer = load_model(model.path)
+    predictions = generate(
+        net,
+        tokenizer,
+        [r["sentence"] for r in rows],
+        batch_size=benchmark["batch_size"],
+        max_new_tokens=benchmark["max_new_tokens"],
+        num_beams=benchmark["num_beams"],
+        sort_by_length=benchmark["sort_by_length"],
+    )
+    records = []
+    for row, prediction in zip(rows, predictions, strict=True):
+        pairs = parse_pairs(task, prediction, row["sentence"])
+        records.append(
+            {
+                "ID": row["ID"],
+                "split": row["split"],
+                "sentence": row["sentence"],
+                "gold": row["target"],
+                "prediction": prediction,
+                "pairs": [{"label": label, "polarity": pol} for label, pol in pairs],
+                "implicit": row["implicit"],
+                "mams": row["mams"],
+            }
+        )
+    pq.write_table(pa.Table.from_pylist(records, schema=PREDICTIONS), out / "predictions.parquet")
+    metrics = score_rows(task, records, benchmark["test_types"])
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+
+def read_metrics(folder: str | Path) -> dict[str, dict[str, float]]:
+    """The `metrics.json` of an evaluation."""
+    return json.loads((Path(folder) / "metrics.json").read_text())

@@ -1,0 +1,140 @@
+"""Stage `finetune`: Seq2SeqTrainer on one dataset's train split; the best dev-F1 epoch is kept.
+
+Dev F1 is computed from generated sequences with the benchmark's own parser and scorer, as the
+paper selects checkpoints. Checkpoints go to a scratch folder, so a killed run resumes from the
+last one; labels are padded with -100 so padding never enters the loss.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from datasets import Dataset
+from transformers import (
+    DataCollatorForSeq2Seq,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from benchmark.protocol import micro_prf, parse_pairs
+from fsa_distill.artifacts import Artifact
+from fsa_distill.models import load_seq2seq
+from tasks.acquire import read_meta
+from tasks.stage import stage
+
+
+def _tokenize(tokenizer: Any, rows: list[dict[str, Any]], ft: dict[str, Any]) -> Dataset:
+    enc = tokenizer([r["sentence"] for r in rows], truncation=True, max_length=ft["max_source_length"])
+    labels = tokenizer(text_target=[r["target"] for r in rows], truncation=True, max_length=ft["max_target_length"])
+    return Dataset.from_dict(
+        {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": labels["input_ids"],
+        }
+    )
+
+
+def dev_f1_metric(task: str, tokenizer: Any, dev_rows: list[dict[str, Any]]) -> Any:
+    """compute_metrics for the Trainer: decode generated ids, parse, micro-F1 against the gold targets."""
+    gold = [parse_pairs(task, r["target"], r["sentence"]) for r in dev_rows]
+
+    def compute(eval_pred: Any) -> dict[str, float]:
+        preds = eval_pred.predictions
+        preds = preds[0] if isinstance(preds, tuple) else preds
+        preds = np.where(preds < 0, tokenizer.pad_token_id, preds)
+        texts = tokenizer.batch_decode(preds, skip_special_tokens=True)
+        pred = [parse_pairs(task, t.strip(), r["sentence"]) for t, r in zip(texts, dev_rows, strict=True)]
+        return micro_prf(gold, pred)
+
+    return compute
+
+
+@stage("finetune", code=("benchmark.protocol",), resumable=True)
+def finetune(
+    out: Path,
+    *,
+    scratch: Path,
+    data: Artifact,
+    student: Artifact,
+    seed: int,
+    finetune: dict[str, Any],
+    generation: dict[str, Any],
+) -> None:
+    """Fine-tune `student` on `data` with `seed`; write the best model, `train_log.json`, `dev_metrics.json`."""
+    ft = finetune
+    task = read_meta(data.path)["task"]
+    model, tokenizer = load_seq2seq(student.path)
+    model.generation_config.max_new_tokens = generation["max_new_tokens"]
+    model.generation_config.num_beams = generation["num_beams"]
+    model.generation_config.do_sample = False
+    model.generation_config.max_length = None
+
+    train_rows = pq.read_table(Path(data.path) / "train.parquet").to_pylist()
+    dev_rows = pq.read_table(Path(data.path) / "dev.parquet").to_pylist()
+    # Longest first: generation over similar lengths wastes less compute on padding.
+    dev_rows.sort(key=lambda r: -len(r["sentence"]))
+    use_cuda = torch.cuda.is_available()
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(scratch),
+        seed=seed,
+        data_seed=seed,
+        learning_rate=ft["learning_rate"],
+        num_train_epochs=ft["epochs"],
+        per_device_train_batch_size=ft["batch_size"],
+        per_device_eval_batch_size=ft["eval_batch_size"],
+        weight_decay=ft["weight_decay"],
+        lr_scheduler_type=ft["lr_scheduler"],
+        # transformers 5: a float below 1 is a fraction of the total steps.
+        warmup_steps=float(ft["warmup_ratio"]) if ft["warmup_ratio"] else 0,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="f1",
+        greater_is_better=True,
+        predict_with_generate=True,
+        logging_strategy="steps",
+        logging_steps=10,
+        report_to=[],
+        disable_tqdm=True,
+        bf16=bool(ft["bf16"]) and use_cuda,
+        use_cpu=not use_cuda,
+        dataloader_num_workers=0,
+    )
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=args,
+        train_dataset=_tokenize(tokenizer, train_rows, ft),
+        eval_dataset=_tokenize(tokenizer, dev_rows, ft),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
+        processing_class=tokenizer,
+        compute_metrics=dev_f1_metric(task, tokenizer, dev_rows),
+    )
+    trainer.train(resume_from_checkpoint=get_last_checkpoint(str(scratch)))
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(out)
+    history = trainer.state.log_history
+    evals = [h for h in history if "eval_f1" in h]
+    best = max(evals, key=lambda h: h["eval_f1"]) if evals else {}
+    (out / "train_log.json").write_text(json.dumps(history, indent=1))
+    (out / "dev_metrics.json").write_text(
+        json.dumps(
+            {
+                "f1": best.get("eval_f1"),
+                "precision": best.get("eval_precision"),
+                "recall": best.get("eval_recall"),
+                "best_epoch": best.get("epoch"),
+                "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name,
+            },
+            indent=1,
+        )
+    )
+    for name in ("training_args.bin",):
+        (out / name).unlink(missing_ok=True)
