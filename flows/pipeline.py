@@ -35,16 +35,15 @@ def make_runner(runner: dict[str, Any]) -> Any:
     return ThreadPoolTaskRunner(max_workers=runner["workers"])
 
 
-@flow(name="fsa-distill", log_prints=True)
+@flow(name="fsa-distill")
 def fsa_distill(overrides: list[str] | None = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Entry point for the CLI and deployments: a resolved config, or Hydra overrides to compose one."""
+    """Run every stage for one config and track it in MLflow.
+
+    The CLI passes the resolved `config`; a deployment passes Hydra `overrides` and the flow
+    composes them, so both run exactly the same thing. Stages go to the task runner named in
+    `runner` (threads or a Dask cluster), chosen per run rather than per deployment.
+    """
     cfg = config if config is not None else compose_config(overrides)
-    return pipeline.with_options(task_runner=make_runner(cfg["runner"]))(cfg)
-
-
-@flow(name="fsa-distill-pipeline")
-def pipeline(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Run every stage for one resolved config and track it in MLflow."""
     logger = get_run_logger()
     workdir = Path(cfg["workdir"]).resolve()
     store = workdir / "artifacts"
@@ -57,7 +56,8 @@ def pipeline(cfg: dict[str, Any]) -> dict[str, Any]:
     tracker.client.log_text(parent, yaml.safe_dump(cfg, sort_keys=False), "config.yaml")
     ok = False
     try:
-        result = _stages(cfg, store, tracker, parent)
+        with make_runner(cfg["runner"]) as runner:
+            result = _stages(cfg, runner, store, tracker, parent)
         ok = True
         logger.info("MLflow parent run %s; report in %s", parent, result["report"])
         return result
@@ -65,11 +65,12 @@ def pipeline(cfg: dict[str, Any]) -> dict[str, Any]:
         tracker.end(parent, ok)
 
 
-def _stages(cfg: dict[str, Any], store: Path, tracker: Tracker, parent: str) -> dict[str, Any]:
+def _stages(cfg: dict[str, Any], runner: Any, store: Path, tracker: Tracker, parent: str) -> dict[str, Any]:
     data_cfg, student_cfg = cfg["data"], cfg["student"]
     datasets = data_cfg["datasets"]
     acquired = {
         name: acquire.submit(
+            runner,
             store,
             {
                 "dataset": name,
@@ -83,7 +84,7 @@ def _stages(cfg: dict[str, Any], store: Path, tracker: Tracker, parent: str) -> 
     }
     data = {name: future.result() for name, future in acquired.items()}
     student = init_student.submit(
-        store, {"student": student_cfg, "datasets": [data[d] for d in datasets]}, label=student_cfg["name"]
+        runner, store, {"student": student_cfg, "datasets": [data[d] for d in datasets]}, label=student_cfg["name"]
     ).result()
 
     ft_cfg = {k: v for k, v in cfg["finetune"].items() if k not in ("seeds", "seed")}
@@ -91,6 +92,7 @@ def _stages(cfg: dict[str, Any], store: Path, tracker: Tracker, parent: str) -> 
     runs = [(name, seed) for name in datasets for seed in seeds(cfg)]
     tuned = {
         (name, seed): finetune.submit(
+            runner,
             store,
             {
                 "data": data[name],
@@ -103,15 +105,15 @@ def _stages(cfg: dict[str, Any], store: Path, tracker: Tracker, parent: str) -> 
         )
         for name, seed in runs
     }
-    models = {run: future.result() for run, future in tuned.items()}
-    evaluated = {
-        (name, seed): evaluate.submit(
+    models, evaluated = {}, {}
+    for name, seed in runs:  # each evaluation starts as soon as its model is ready
+        models[(name, seed)] = tuned[(name, seed)].result()
+        evaluated[(name, seed)] = evaluate.submit(
+            runner,
             store,
             {"model": models[(name, seed)], "data": data[name], "benchmark": cfg["benchmark"]},
             label=f"{get_spec(name).slug}-{seed}",
         )
-        for name, seed in runs
-    }
     evaluations = {run: future.result() for run, future in evaluated.items()}
 
     results = [
@@ -123,7 +125,7 @@ def _stages(cfg: dict[str, Any], store: Path, tracker: Tracker, parent: str) -> 
         }
         for name, seed in runs
     ]
-    summary_art = report.submit(store, {"results": results}).result()
+    summary_art = report.submit(runner, store, {"results": results}).result()
 
     for name, seed in runs:
         _track_child(cfg, tracker, parent, name, seed, models[(name, seed)], evaluations[(name, seed)])

@@ -84,16 +84,15 @@ class Tracker:
 
     def history(self, run_id: str, log_history: list[dict[str, Any]]) -> None:
         """Training curves from the Trainer's log history: train loss, lr and dev metrics by step."""
+        renames = {"loss": "train_loss", "learning_rate": "lr", "eval_loss": "dev_loss"}
         for entry in log_history:
             step = int(entry.get("step", 0))
             values = {}
             for key, value in entry.items():
-                if key in ("step", "epoch") or not isinstance(value, int | float | str):
+                if key in ("step", "epoch") or isinstance(value, bool) or not isinstance(value, int | float):
                     continue
-                try:
-                    values[key.replace("eval_", "dev_") if key.startswith("eval_") else f"train_{key}"] = float(value)
-                except ValueError:
-                    continue
+                name = renames.get(key, key)
+                values[name.replace("eval_", "dev_", 1) if name.startswith("eval_") else name] = float(value)
             self.metrics(run_id, values, step)
 
     def files(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:

@@ -24,7 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from benchmark.protocol import micro_prf, parse_pairs
 from fsa_distill.artifacts import Artifact
-from fsa_distill.models import load_seq2seq
+from fsa_distill.models import TRAIN_LOCK, load_seq2seq
 from tasks.acquire import read_meta
 from tasks.stage import stage
 
@@ -80,6 +80,12 @@ def finetune(
     dev_rows = pq.read_table(Path(data.path) / "dev.parquet").to_pylist()
     # Longest first: generation over similar lengths wastes less compute on padding.
     dev_rows.sort(key=lambda r: -len(r["sentence"]))
+    with TRAIN_LOCK:
+        _train(out, scratch, model, tokenizer, ft, seed, task, train_rows, dev_rows)
+
+
+def _train(out: Path, scratch: Path, model: Any, tokenizer: Any, ft: dict[str, Any], seed: int, task: str,
+           train_rows: list[dict[str, Any]], dev_rows: list[dict[str, Any]]) -> None:  # fmt: skip
     use_cuda = torch.cuda.is_available()
     args = Seq2SeqTrainingArguments(
         output_dir=str(scratch),
@@ -101,7 +107,8 @@ def finetune(
         greater_is_better=True,
         predict_with_generate=True,
         logging_strategy="steps",
-        logging_steps=10,
+        # at least one loss point per epoch, however small the shrunk run
+        logging_steps=max(1, min(10, len(train_rows) // ft["batch_size"])),
         report_to=[],
         disable_tqdm=True,
         bf16=bool(ft["bf16"]) and use_cuda,

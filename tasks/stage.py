@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from prefect import Task, task
+from prefect.futures import PrefectFuture
+from prefect.task_runners import TaskRunner
 
 from fsa_distill.artifacts import Artifact, atomic_dir, canonical_json, seal, verify
 from fsa_distill.errors import is_transient
@@ -120,13 +122,16 @@ class Stage:
             retry_condition_fn=_retry_transient,
         )
 
-    def submit(self, store: str | Path, params: dict[str, Any], label: str = "") -> Any:
-        """Submit to the flow's task runner; refresh Prefect's cache when the files are gone or changed."""
+    def submit(self, runner: TaskRunner, store: str | Path, params: dict[str, Any], label: str = "") -> PrefectFuture:
+        """Submit to `runner` (an entered task runner) from inside a flow run.
+
+        Prefect's cache entry is refreshed when the output files are gone or changed, so a
+        cached result never points at missing or edited files.
+        """
         stale = self.cached(store, params) is None
-        options: dict[str, Any] = {"refresh_cache": stale}
-        if label:
-            options["task_run_name"] = f"{self.name}[{label}]"
-        return self.task.with_options(**options).submit(str(store), params)
+        run_name = f"{self.name}[{label}]" if label else self.name
+        task = self.task.with_options(refresh_cache=stale, task_run_name=run_name)
+        return runner.submit(task, {"store": str(store), "params": params})
 
 
 def stage(

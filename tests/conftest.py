@@ -1,0 +1,62 @@
+"""Test set-up: a private workdir and Prefect home per test session, data from the local mirror.
+
+Prefect reads its settings on first import, so the environment is configured here, before any
+test module imports prefect.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from fsa_distill import ROOT
+from fsa_distill.env import configure
+
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="fsa-tests-"))
+os.environ.setdefault("FSA_DATA_SOURCE", str((ROOT.parent / "shared" / "data" / "fsa-distillation").resolve()))
+os.environ["FSA_WORKDIR"] = str(SESSION_DIR / "work")
+configure(SESSION_DIR / "work")
+
+DATA_SOURCE = os.environ["FSA_DATA_SOURCE"]
+
+
+def shrunk(workdir: Path, *extra: str) -> list[str]:
+    """Overrides that shrink the real default config to seconds: few sentences, one epoch, a tiny T5."""
+    return [
+        f"workdir={workdir}",
+        f"data.source={DATA_SOURCE}",
+        "data.limit=12",
+        "data.datasets=[atsa/rest14,acsa/rest16]",
+        "finetune.epochs=1",
+        "finetune.seeds=[42]",
+        "finetune.batch_size=4",
+        "student.vocab_size=600",
+        "student.d_model=32",
+        "student.d_ff=64",
+        "student.d_kv=8",
+        "student.num_heads=2",
+        "student.num_layers=1",
+        "student.num_decoder_layers=1",
+        "benchmark.max_new_tokens=12",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def data_source() -> str:
+    """The benchmark mirror (`../shared/data/fsa-distillation` unless FSA_DATA_SOURCE says otherwise)."""
+    if not Path(DATA_SOURCE).is_dir():
+        pytest.fail(f"benchmark mirror not found at {DATA_SOURCE}; set FSA_DATA_SOURCE")
+    return DATA_SOURCE
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the tests that run flows."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

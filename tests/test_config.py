@@ -1,0 +1,60 @@
+"""The real config composes, the paper recipe is what the paper says, and typos fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from fsa_distill.config import compose_config, seeds
+
+
+def test_default_composes_to_the_embedded_default():
+    cfg = compose_config([])
+    assert cfg["student"]["pretrained"] is None
+    assert cfg["data"]["datasets"] == ["atsa/rest14", "atsa/laptop14", "acsa/rest16", "acsa/laptop16"]
+    assert cfg["tracking"]["uri"].startswith("sqlite:///")
+    assert cfg["runner"]["kind"] == "thread"
+
+
+def test_paper_experiment_holds_the_paper_recipe():
+    cfg = compose_config(["experiment=paper"])
+    ft = cfg["finetune"]
+    assert cfg["student"]["pretrained"] == "google-t5/t5-base"
+    assert (ft["learning_rate"], ft["epochs"], ft["batch_size"], ft["weight_decay"], ft["lr_scheduler"]) == (
+        3e-4,
+        20,
+        16,
+        0.01,
+        "linear",
+    )
+    assert seeds(cfg) == [42, 52, 62, 72, 82, 142, 152, 162, 172, 182]
+    assert cfg["benchmark"]["num_beams"] == 1 and cfg["benchmark"]["max_new_tokens"] == 100
+
+
+def test_single_seed_shortcut_for_sweeps():
+    assert seeds(compose_config(["finetune.seed=52"])) == [52]
+
+
+def test_typo_in_override_is_rejected_with_the_key():
+    with pytest.raises(ConfigCompositionException, match=r"finetune\.learning_rat"):
+        compose_config(["finetune.learning_rat=0.1"])
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises(ConfigCompositionException, match="epochs"):
+        compose_config(["finetune.epochs=many"])
+
+
+def test_unknown_group_option_lists_choices():
+    with pytest.raises(ConfigCompositionException, match="tiny"):
+        compose_config(["student=tinyy"])
+
+
+def test_unknown_dataset_is_rejected():
+    with pytest.raises(ValueError, match="unknown dataset 'atsa/rest15'"):
+        compose_config(["data.datasets=[atsa/rest15]"])
+
+
+def test_env_var_overrides_the_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("FSA_DATA_SOURCE", str(tmp_path))
+    assert compose_config([])["data"]["source"] == str(tmp_path)

@@ -1,0 +1,103 @@
+"""The whole flow on a shrunk copy of the real config: MLflow records, caching, recomputation."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mlflow
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.pipeline import fsa_distill
+from tests.conftest import shrunk
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+
+def _run(overrides):
+    state = fsa_distill(overrides=overrides, return_state=True)
+    assert state.is_completed(), state
+    return state.result(), state.state_details.flow_run_id
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run.state.name for run in runs}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("flow")
+    overrides = shrunk(workdir)
+    result, run_id = _run(overrides)
+    return workdir, overrides, result, run_id
+
+
+def test_flow_tracks_parent_children_metrics_and_models(first_run):
+    workdir, _, result, run_id = first_run
+    states = _task_states(run_id)
+    assert sorted({name.split("[")[0] for name in states}) == ["acquire", "evaluate", "finetune", "report", "student"]
+    assert set(states.values()) == {"Completed"}
+
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["finetune.epochs"] == "1"
+    assert "mlflow.source.git.commit" in parent.data.tags
+    assert any(k.endswith("normal.f1_mean") for k in parent.data.metrics)
+    parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "report"} <= parent_files
+
+    exp = parent.info.experiment_id
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["dataset"] for c in children) == ["acsa/rest16", "atsa/rest14"]
+    for child in children:
+        metrics = child.data.metrics
+        for test_type in ("normal", "implicit", "mams", "hard"):
+            assert 0.0 <= metrics[f"test_{test_type}_f1"] <= 1.0
+        assert "dev_best_f1" in metrics
+        assert client.get_metric_history(child.info.run_id, "train_loss")
+        name, version = child.data.tags["model_version"].split("/")
+        mv = client.get_model_version(name, version)
+        assert mv.run_id == child.info.run_id and mv.tags["sha256"] == child.data.tags["model_sha256"]
+        local = mlflow.artifacts.download_artifacts(
+            run_id=child.info.run_id, artifact_path="evaluation/predictions.parquet", tracking_uri=client.tracking_uri
+        )
+        table = pq.read_table(local)
+        assert {"ID", "sentence", "gold", "prediction", "pairs"} <= set(table.column_names)
+        assert table.num_rows == 24  # 12 test + 12 hard_test sentences (data.limit=12)
+
+
+def test_unchanged_rerun_is_fully_cached(first_run):
+    _, overrides, result, _ = first_run
+    again, run_id = _run(overrides)
+    states = _task_states(run_id)
+    assert states and set(states.values()) == {"Cached"}, states
+    assert again["report"] == result["report"]
+
+
+def test_changed_finetune_setting_reruns_only_what_depends_on_it(first_run):
+    _, overrides, _, _ = first_run
+    _, run_id = _run([*overrides, "finetune.learning_rate=0.002"])
+    states = _task_states(run_id)
+    by_stage: dict[str, set[str]] = {}
+    for name, state in states.items():
+        by_stage.setdefault(name.split("[")[0], set()).add(state)
+    assert by_stage["acquire"] == {"Cached"} and by_stage["student"] == {"Cached"}
+    assert by_stage["finetune"] == {"Completed"} and by_stage["evaluate"] == {"Completed"}
+
+
+def test_deleted_artifact_is_recomputed(first_run):
+    _, overrides, result, _ = first_run
+    victim = Path(next(iter(result["evaluations"].values())))
+    shutil.rmtree(victim)
+    _, run_id = _run(overrides)
+    states = _task_states(run_id)
+    recomputed = [name for name, state in states.items() if state != "Cached"]
+    assert len(recomputed) == 1 and recomputed[0].startswith("evaluate[")
+    assert (victim / "predictions.parquet").is_file()
