@@ -51,7 +51,7 @@ def fsa_distill(overrides: list[str] | None = None, config: dict[str, Any] | Non
     parent = tracker.start(
         cfg["run_name"],
         flatten("", cfg),
-        {"mlflow.source.git.commit": git_commit(), "student": cfg["student"]["name"]},
+        {"mlflow.source.git.commit": git_commit(), "student": cfg["student"]["name"], "kind": "flow"},
     )
     tracker.client.log_text(parent, yaml.safe_dump(cfg, sort_keys=False), "config.yaml")
     ok = False

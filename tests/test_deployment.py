@@ -1,0 +1,67 @@
+"""A Prefect deployment of the flow, served for real against a `prefect server` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from tests.conftest import shrunk
+from tests.servers import background, free_port, wait_http
+
+pytestmark = pytest.mark.slow
+
+
+def test_deployment_runs_with_overrides(tmp_path):
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_API_URL=api,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
+    )
+    workdir = tmp_path / "work"
+    prefect = shutil.which("prefect") or os.path.join(os.path.dirname(sys.executable), "prefect")
+    server_cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with background(server_cmd, env, tmp_path / "server.log") as server:
+        wait_http(f"{api}/health", 120, server, tmp_path / "server.log")
+        serve_cmd = [sys.executable, "-m", "fsa_distill.cli", "serve", "--name", "ci", *shrunk(workdir)]
+        with background(serve_cmd, env, tmp_path / "serve.log") as serve, temporary_settings({PREFECT_API_URL: api}):
+            from prefect.deployments import run_deployment
+
+            _wait_for_deployment("fsa-distill/ci", serve, tmp_path / "serve.log")
+            overrides = shrunk(workdir, "run_name=from-deployment", "finetune.learning_rate=0.002")
+            flow_run = run_deployment("fsa-distill/ci", parameters={"overrides": overrides}, timeout=600)
+            log = (tmp_path / "serve.log").read_text()
+            assert flow_run.state.is_completed(), f"{flow_run.state}\n{log[-4000:]}"
+
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    exp = client.get_experiment_by_name("fsa-distill")
+    parents = client.search_runs([exp.experiment_id], "attributes.run_name = 'from-deployment'")
+    assert len(parents) == 1 and parents[0].data.params["finetune.learning_rate"] == "0.002"
+    assert parents[0].info.status == "FINISHED"
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert len(children) == 2
+
+
+def _wait_for_deployment(name, proc, log, timeout_s=120):
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve exited:\n{log.read_text()[-3000:]}")
+            try:
+                return client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                time.sleep(1)
+    raise TimeoutError(f"deployment {name} never appeared:\n{log.read_text()[-3000:]}")
