@@ -124,7 +124,8 @@ def _train(out: Path, scratch: Path, model: Any, tokenizer: Any, ft: dict[str, A
         processing_class=tokenizer,
         compute_metrics=dev_f1_metric(task, tokenizer, dev_rows),
     )
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(str(scratch)))
+    resume = get_last_checkpoint(str(scratch))
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out))
     tokenizer.save_pretrained(out)
     history = trainer.state.log_history
@@ -139,6 +140,7 @@ def _train(out: Path, scratch: Path, model: Any, tokenizer: Any, ft: dict[str, A
                 "recall": best.get("eval_recall"),
                 "best_epoch": best.get("epoch"),
                 "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name,
+                "resumed_from": Path(resume).name if resume else None,
             },
             indent=1,
         )

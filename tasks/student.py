@@ -26,6 +26,8 @@ from tasks.stage import stage
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 #: Newline marker of teacher outputs in pretraining targets (as the paper).
 NEWLINE_TOKEN = "[NL]"
+#: T5's span-corruption sentinels, so the span_corruption control arm shares the baseline's vocabulary.
+SENTINELS = [f"<extra_id_{i}>" for i in range(100)]
 
 
 def corpus_texts(datasets: list[Artifact]) -> list[str]:
@@ -45,7 +47,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[PAD, EOS, UNK, NEWLINE_TOKEN],
+        special_tokens=[PAD, EOS, UNK, NEWLINE_TOKEN, *SENTINELS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -57,7 +59,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
         pad_token=PAD,
         eos_token=EOS,
         unk_token=UNK,
-        additional_special_tokens=[NEWLINE_TOKEN],
+        additional_special_tokens=[NEWLINE_TOKEN, *SENTINELS],
     )
 
 

@@ -1,0 +1,201 @@
+"""Stage `pretrain`: continue training the student before fine-tuning.
+
+Two objectives on the same reviews:
+
+* `distill` (the paper's method): input = the raw review, no prefix; target = the teacher's
+  analysis or rewrite with newlines as the added `[NL]` token.
+* `span_corruption` (control arm, no teacher): T5's span corruption of the review text itself,
+  which separates what the teacher adds from what in-domain text adds.
+
+Seq2SeqTrainer with a cosine schedule decaying to `min_learning_rate`, gradient clipping and
+batches grouped by length (see benchmark/bench_pretrain.py). Checkpoints go to a scratch folder,
+so a killed run resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from datasets import Dataset
+from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from fsa_distill.artifacts import Artifact
+from fsa_distill.errors import InputError
+from fsa_distill.models import TRAIN_LOCK, load_seq2seq
+from tasks.stage import stage
+from tasks.student import NEWLINE_TOKEN
+
+OBJECTIVES = ("distill", "span_corruption")
+
+
+def distill_pairs(corpus: Path) -> tuple[list[str], list[str]]:
+    """(review, teacher output with [NL] for newlines) for every cleaned corpus row."""
+    table = pq.read_table(corpus, columns=["review", "output"])
+    reviews = table.column("review").to_pylist()
+    return reviews, [newline_tokens(t) for t in table.column("output").to_pylist()]
+
+
+def newline_tokens(text: str) -> str:
+    """Teacher text with each newline as the `[NL]` token, so the student can emit line structure."""
+    return f" {NEWLINE_TOKEN} ".join(line.strip() for line in text.strip().split("\n"))
+
+
+def unique_reviews(corpus: Path) -> list[str]:
+    """The distinct review texts of the corpus, in first-seen order: the span-corruption arm's data."""
+    seen: dict[str, None] = {}
+    for text in pq.read_table(corpus, columns=["review"]).column("review").to_pylist():
+        seen.setdefault(text, None)
+    return list(seen)
+
+
+def random_spans_mask(length: int, density: float, mean_span: float, rng: np.random.Generator) -> np.ndarray:
+    """T5's noise mask: about `density` of the tokens in spans of mean length `mean_span`."""
+    num_noise = round(length * density)
+    num_noise = min(max(num_noise, 1), length - 1)
+    num_spans = max(1, round(num_noise / mean_span))
+    num_spans = min(num_spans, num_noise, length - num_noise)
+
+    def partition(total: int, parts: int) -> np.ndarray:
+        cuts = np.sort(rng.choice(np.arange(1, total), parts - 1, replace=False)) if parts > 1 else np.array([], int)
+        return np.diff(np.concatenate([[0], cuts, [total]]))
+
+    noise, keep = partition(num_noise, num_spans), partition(length - num_noise, num_spans)
+    mask = np.zeros(length, dtype=bool)
+    pos = 0
+    for k, n in zip(keep, noise, strict=True):
+        pos += k
+        mask[pos : pos + n] = True
+        pos += n
+    return mask
+
+
+def span_corrupt(ids: list[int], sentinels: list[int], eos: int, density: float, mean_span: float,
+                 rng: np.random.Generator) -> tuple[list[int], list[int]]:  # fmt: skip
+    """(input, target) ids: noise spans replaced by sentinels in the input, spelled out in the target."""
+    if len(ids) < 2:
+        return [*ids, eos], [sentinels[0], eos]
+    mask = random_spans_mask(len(ids), density, mean_span, rng)
+    source: list[int] = []
+    target: list[int] = []
+    span = -1
+    for i, token in enumerate(ids):
+        if mask[i]:
+            if i == 0 or not mask[i - 1]:
+                span += 1
+                sentinel = sentinels[min(span, len(sentinels) - 1)]
+                source.append(sentinel)
+                target.append(sentinel)
+            target.append(token)
+        else:
+            source.append(token)
+    target.append(sentinels[min(span + 1, len(sentinels) - 1)])
+    return [*source, eos], [*target, eos]
+
+
+def build_dataset(objective: str, corpus: Path, tokenizer: Any, cfg: dict[str, Any]) -> Dataset:
+    """Tokenised training examples with a `length` column (source + target tokens) for grouping."""
+    if objective == "distill":
+        sources, targets = distill_pairs(corpus)
+        enc = tokenizer(sources, truncation=True, max_length=cfg["max_source_length"])
+        lab = tokenizer(text_target=targets, truncation=True, max_length=cfg["max_target_length"])
+        inputs, labels = enc["input_ids"], lab["input_ids"]
+    elif objective == "span_corruption":
+        sentinels = tokenizer.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(100)])
+        if tokenizer.unk_token_id in sentinels:
+            raise InputError("span_corruption needs <extra_id_N> sentinel tokens in the student's tokenizer")
+        rng = np.random.default_rng(cfg["seed"])
+        texts = unique_reviews(corpus)
+        ids = tokenizer(texts, truncation=True, max_length=cfg["max_source_length"] - 1, add_special_tokens=False)
+        pairs = [
+            span_corrupt(x, sentinels, tokenizer.eos_token_id, cfg["noise_density"], cfg["mean_span_length"], rng)
+            for x in ids["input_ids"]
+        ]
+        inputs = [p[0] for p in pairs]
+        labels = [p[1][: cfg["max_target_length"]] for p in pairs]
+    else:
+        raise InputError(f"pretrain objective {objective!r} is not one of {OBJECTIVES}")
+    if not inputs:
+        raise InputError(f"{corpus}: the corpus is empty; nothing to pretrain on")
+    return Dataset.from_dict(
+        {
+            "input_ids": inputs,
+            "attention_mask": [[1] * len(x) for x in inputs],
+            "labels": labels,
+            "length": [len(x) + len(y) for x, y in zip(inputs, labels, strict=True)],
+        }
+    )
+
+
+def training_args(scratch: Path, cfg: dict[str, Any]) -> Seq2SeqTrainingArguments:
+    """The paper's optimiser settings (AdamW, cosine to a floor, clipping) from the pretrain config."""
+    use_cuda = torch.cuda.is_available()
+    return Seq2SeqTrainingArguments(
+        output_dir=str(scratch),
+        seed=cfg["seed"],
+        max_steps=cfg["max_steps"],
+        learning_rate=cfg["learning_rate"],
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr": cfg["min_learning_rate"]},
+        warmup_steps=cfg["warmup_steps"],
+        weight_decay=cfg["weight_decay"],
+        optim="adamw_torch",
+        max_grad_norm=cfg["max_grad_norm"],
+        per_device_train_batch_size=cfg["batch_size"],
+        gradient_accumulation_steps=cfg["grad_accum"],
+        train_sampling_strategy="group_by_length" if cfg["group_by_length"] else "random",
+        length_column_name="length",
+        save_strategy="steps",
+        save_steps=cfg["save_steps"],
+        save_total_limit=2,
+        logging_steps=max(1, min(25, cfg["max_steps"] // 10)),
+        report_to=[],
+        disable_tqdm=True,
+        bf16=bool(cfg["bf16"]) and use_cuda,
+        use_cpu=not use_cuda,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
+class _DropLength(DataCollatorForSeq2Seq):
+    """Seq2seq collator (-100 label padding) that ignores the `length` column used for grouping."""
+
+    def __call__(self, features: list[dict[str, Any]], return_tensors: str | None = None) -> Any:
+        return super().__call__([{k: v for k, v in f.items() if k != "length"} for f in features], return_tensors)
+
+
+@stage("pretrain", code=("tasks.student",), resumable=True)
+def pretrain(out: Path, *, scratch: Path, student: Artifact, corpus: Artifact, objective: str,
+             pretrain: dict[str, Any]) -> None:  # fmt: skip
+    """Pretrain `student` with `objective` on the cleaned corpus; write the model and `pretrain_log.json`."""
+    model, tokenizer = load_seq2seq(student.path)
+    if NEWLINE_TOKEN not in tokenizer.get_vocab():  # a hub checkpoint such as t5-base
+        tokenizer.add_special_tokens({"additional_special_tokens": [NEWLINE_TOKEN]})
+        model.resize_token_embeddings(len(tokenizer))
+    dataset = build_dataset(objective, Path(corpus.path) / "corpus.parquet", tokenizer, pretrain)
+    with TRAIN_LOCK:
+        trainer = Seq2SeqTrainer(
+            model=model,
+            args=training_args(scratch, pretrain),
+            train_dataset=dataset,
+            data_collator=_DropLength(tokenizer, model=model, label_pad_token_id=-100),
+            processing_class=tokenizer,
+        )
+        resume = get_last_checkpoint(str(scratch))
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(str(out))
+    tokenizer.save_pretrained(out)
+    (out / "training_args.bin").unlink(missing_ok=True)
+    stats = {
+        "objective": objective,
+        "examples": len(dataset),
+        "tokens": int(sum(dataset["length"])),
+        "resumed_from": Path(resume).name if resume else None,
+    }
+    (out / "pretrain_log.json").write_text(json.dumps({"stats": stats, "history": trainer.state.log_history}, indent=1))
