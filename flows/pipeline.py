@@ -1,11 +1,15 @@
 """The fsa-distill flow: wiring only. Stages live in `tasks/`; this file passes artifact references
 between them, picks the task runner and writes MLflow runs.
 
-acquire (per dataset) -> student -> finetune (per dataset x seed) -> evaluate -> report
+acquire (per dataset) -> student ──────────────────────────────────────────┐ baseline
+reviews -> generate (per shard) -> clean -> pretrain (per objective) ─────┤ distill, span_corruption
+                                                                          └─> finetune (arm x dataset x seed)
+                                                                              -> evaluate -> report
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +19,17 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from benchmark.specs import get_spec
-from flows.tracking import Tracker, flatten, git_commit
+from flows.tracking import Tracker, flatten, git_commit, numeric
+from fsa_distill.artifacts import Artifact, sha256_file
 from fsa_distill.config import compose_config, seeds
 from tasks.acquire import acquire
+from tasks.clean import clean
 from tasks.evaluate import evaluate, read_metrics
 from tasks.finetune import finetune
+from tasks.generate import count_shards, generate_shard, import_released
+from tasks.pretrain import pretrain
 from tasks.report import report
+from tasks.reviews import reviews, source_fingerprints
 from tasks.student import init_student
 
 
@@ -87,71 +96,129 @@ def _stages(cfg: dict[str, Any], runner: Any, store: Path, tracker: Tracker, par
         runner, store, {"student": student_cfg, "datasets": [data[d] for d in datasets]}, label=student_cfg["name"]
     ).result()
 
+    # The arms compared in the report: the student as initialised, then one per pretraining objective.
+    arms: dict[str, Artifact] = {"baseline": student}
+    corpus = None
+    if cfg["distill"]["enabled"]:
+        corpus = _distillation_corpus(cfg, runner, store, tracker, parent, [data[d] for d in datasets])
+        pretrained = {
+            objective: pretrain.submit(
+                runner,
+                store,
+                {"student": student, "corpus": corpus, "objective": objective, "pretrain": cfg["pretrain"]},
+                label=objective,
+            )
+            for objective in cfg["pretrain"]["objectives"]
+        }
+        for objective, future in pretrained.items():
+            arms[objective] = future.result()
+            _track_pretrain(cfg, tracker, parent, objective, arms[objective])
+
     ft_cfg = {k: v for k, v in cfg["finetune"].items() if k not in ("seeds", "seed")}
     generation = {k: cfg["benchmark"][k] for k in ("max_new_tokens", "num_beams")}
-    runs = [(name, seed) for name in datasets for seed in seeds(cfg)]
+    runs = [(arm, name, seed) for arm in arms for name in datasets for seed in seeds(cfg)]
     tuned = {
-        (name, seed): finetune.submit(
+        run: finetune.submit(
             runner,
             store,
             {
-                "data": data[name],
-                "student": student,
-                "seed": seed,
+                "data": data[run[1]],
+                "student": arms[run[0]],
+                "seed": run[2],
                 "finetune": ft_cfg,
                 "generation": generation,
             },
-            label=f"{get_spec(name).slug}-{seed}",
+            label=_label(*run),
         )
-        for name, seed in runs
+        for run in runs
     }
     models, evaluated = {}, {}
-    for name, seed in runs:  # each evaluation starts as soon as its model is ready
-        models[(name, seed)] = tuned[(name, seed)].result()
-        evaluated[(name, seed)] = evaluate.submit(
+    for run in runs:  # each evaluation starts as soon as its model is ready
+        models[run] = tuned[run].result()
+        evaluated[run] = evaluate.submit(
             runner,
             store,
-            {"model": models[(name, seed)], "data": data[name], "benchmark": cfg["benchmark"]},
-            label=f"{get_spec(name).slug}-{seed}",
+            {"model": models[run], "data": data[run[1]], "benchmark": cfg["benchmark"]},
+            label=_label(*run),
         )
     evaluations = {run: future.result() for run, future in evaluated.items()}
 
     results = [
-        {
-            "student": student_cfg["name"],
-            "dataset": name,
-            "seed": seed,
-            "evaluation": evaluations[(name, seed)],
-        }
-        for name, seed in runs
+        {"student": arm, "dataset": name, "seed": seed, "evaluation": evaluations[(arm, name, seed)]}
+        for arm, name, seed in runs
     ]
-    summary_art = report.submit(runner, store, {"results": results}).result()
+    summary_art = report.submit(runner, store, {"results": results, "corpus": corpus}, label="summary").result()
 
-    for name, seed in runs:
-        _track_child(cfg, tracker, parent, name, seed, models[(name, seed)], evaluations[(name, seed)])
+    for run in runs:
+        _track_child(cfg, tracker, parent, *run, models[run], evaluations[run])
     _track_report(tracker, parent, Path(summary_art.path))
     return {
         "parent_run_id": parent,
         "report": summary_art.path,
-        "evaluations": {f"{get_spec(n).slug}/{s}": evaluations[(n, s)].path for n, s in runs},
+        "evaluations": {_label(*run): evaluations[run].path for run in runs},
+        "arms": {arm: art.path for arm, art in arms.items()},
     }
 
 
-def _track_child(cfg: dict[str, Any], tracker: Tracker, parent: str, name: str, seed: int, model: Any, ev: Any) -> None:
-    import json
+def _label(arm: str, dataset: str, seed: int) -> str:
+    return f"{arm}-{get_spec(dataset).slug}-{seed}"
 
+
+def _distillation_corpus(
+    cfg: dict[str, Any], runner: Any, store: Path, tracker: Tracker, parent: str, benchmark: list[Artifact]
+) -> Artifact:
+    """reviews -> teacher generation (sharded) -> clean, or the released outputs -> clean."""
+    teacher = cfg["teacher"]
+    if teacher["backend"] == "released":
+        path = teacher["released_path"]
+        generations = [
+            import_released.submit(
+                runner,
+                store,
+                {"path": path, "fingerprint": sha256_file(path), "teacher": teacher},
+                label=teacher["name"],
+            ).result()
+        ]
+    else:
+        reviews_cfg = cfg["reviews"]
+        raw = reviews.submit(
+            runner, store, {"reviews": reviews_cfg, "fingerprints": source_fingerprints(reviews_cfg)}, label="mirror"
+        ).result()
+        n_shards = count_shards(Path(raw.path) / "reviews.parquet", cfg["prompts"], teacher)
+        shards = [
+            generate_shard.submit(
+                runner,
+                store,
+                {"reviews": raw, "shard": k, "prompts": cfg["prompts"], "teacher": teacher},
+                label=f"{teacher['name']}-{k}",
+            )
+            for k in range(n_shards)
+        ]
+        generations = [future.result() for future in shards]
+        _track_reviews(tracker, parent, raw)
+    corpus = clean.submit(
+        runner, store, {"generations": generations, "benchmark": benchmark, "clean": cfg["clean"]}, label="corpus"
+    ).result()
+    _track_corpus(cfg, tracker, parent, generations, corpus)
+    return corpus
+
+
+def _track_child(
+    cfg: dict[str, Any], tracker: Tracker, parent: str, arm: str, name: str, seed: int, model: Artifact, ev: Artifact
+) -> None:
     slug = get_spec(name).slug
     student = cfg["student"]["name"]
+    tags = {"dataset": name, "seed": str(seed), "student": student, "arm": arm, "model_sha256": model.sha256}
     child = tracker.start(
-        f"{slug}-seed{seed}",
-        {"dataset": name, "seed": str(seed), "student": student, **flatten("finetune", cfg["finetune"])},
-        {"dataset": name, "seed": str(seed), "student": student, "model_sha256": model.sha256},
+        _label(arm, name, seed),
+        {"dataset": name, "seed": str(seed), "student": student, "arm": arm, **flatten("finetune", cfg["finetune"])},
+        tags,
         parent=parent,
     )
     model_dir, ev_dir = Path(model.path), Path(ev.path)
     tracker.history(child, json.loads((model_dir / "train_log.json").read_text()))
     dev = json.loads((model_dir / "dev_metrics.json").read_text())
-    tracker.metrics(child, {f"dev_best_{k}": v for k, v in dev.items() if isinstance(v, int | float)})
+    tracker.metrics(child, {f"dev_best_{k}": v for k, v in numeric(dev).items()})
     test = read_metrics(ev_dir)
     tracker.metrics(
         child,
@@ -161,7 +228,8 @@ def _track_child(cfg: dict[str, Any], tracker: Tracker, parent: str, name: str, 
         tracker.files(child, ev_dir / file, "evaluation")
     tracker.files(child, model_dir / "train_log.json", "training")
     if cfg["tracking"]["register_models"]:
-        tracker.register(child, model_dir, f"{cfg['tracking']['model_prefix']}-{slug}-{student}", model.sha256)
+        model_name = f"{cfg['tracking']['model_prefix']}-{slug}-{student}-{arm}"
+        tracker.register(child, model_dir, model_name, model.sha256)
     tracker.end(child, True)
 
 
@@ -180,3 +248,44 @@ def _track_report(tracker: Tracker, parent: str, report_dir: Path) -> None:
         description="Test precision/recall/F1 (%), mean and std over seeds",
     )
     create_markdown_artifact(key="fsa-report-f1", markdown=(report_dir / "summary.md").read_text())
+
+
+def _track_reviews(tracker: Tracker, parent: str, raw: Artifact) -> None:
+    tracker.files(parent, Path(raw.path) / "stats.json", "reviews")
+
+
+def _track_corpus(
+    cfg: dict[str, Any], tracker: Tracker, parent: str, generations: list[Artifact], corpus: Artifact
+) -> None:
+    """A child run for the teacher corpus: generation settings, per-rule cleaning counts, quarantine."""
+    teacher = cfg["teacher"]
+    child = tracker.start(
+        f"corpus-{teacher['name']}",
+        {**flatten("teacher", teacher), **flatten("clean", cfg["clean"]),
+         **{f"prompt.{k}": v["version"] for k, v in cfg["prompts"].items()}},
+        {"kind": "corpus", "teacher": teacher["name"], "corpus_sha256": corpus.sha256},
+        parent=parent,
+    )  # fmt: skip
+    stats = json.loads((Path(corpus.path) / "stats.json").read_text())
+    tracker.metrics(child, numeric(stats))
+    tracker.metrics(child, {f"dropped.{rule}": n for rule, n in stats.get("dropped", {}).items()})
+    tracker.files(child, Path(corpus.path) / "stats.json")
+    tracker.files(child, Path(corpus.path) / "quarantine.parquet", "quarantine")
+    tracker.end(child, True)
+    rows = [{"rule": rule, "dropped": n} for rule, n in stats.get("dropped", {}).items()]
+    rows.append({"rule": "kept", "dropped": stats.get("kept", 0)})
+    create_table_artifact(key="fsa-clean", table=rows, description=f"Cleaning of {stats.get('generated')} outputs")
+
+
+def _track_pretrain(cfg: dict[str, Any], tracker: Tracker, parent: str, objective: str, model: Artifact) -> None:
+    """A child run per pretraining arm with its loss curve."""
+    log = json.loads((Path(model.path) / "pretrain_log.json").read_text())
+    child = tracker.start(
+        f"pretrain-{objective}",
+        {"objective": objective, **flatten("pretrain", cfg["pretrain"])},
+        {"kind": "pretrain", "objective": objective, "model_sha256": model.sha256},
+        parent=parent,
+    )
+    tracker.history(child, log["history"])
+    tracker.metrics(child, {f"corpus_{k}": v for k, v in numeric(log["stats"]).items()})
+    tracker.end(child, True)

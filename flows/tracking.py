@@ -43,6 +43,11 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
     return {prefix: json.dumps(value) if isinstance(value, list) else str(value)}
 
 
+def numeric(values: dict[str, Any]) -> dict[str, float]:
+    """The entries of `values` that are numbers (not bools, not None): what MLflow metrics can hold."""
+    return {k: float(v) for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
 class Tracker:
     """Thin wrapper over MlflowClient with the project's run layout."""
 

@@ -98,17 +98,19 @@ class ReviewSource:
 
     `kind` is yelp | amazon_multidomain | alexa | csv | jsonl | parquet | hf. For csv/jsonl/parquet,
     `path` is a file (or folder of files) and the *_column settings name the columns; for `hf`,
-    `path` is a dataset name on the hub (needs hub access) and `split` picks the split.
+    `path` is a dataset name on the hub (needs hub access) and `split` picks the split. The known
+    layouts fix their own columns (the *_column settings and `delimiter` do not apply to them).
     """
 
-    name: str = MISSING
+    name: str = MISSING  # unique; prefixes every review id (`<name>:<id>`)
     kind: str = MISSING
     path: str = MISSING
     text_column: str = "text"
-    rating_column: str | None = "rating"
-    id_column: str | None = None
-    domain: str | None = None  # a fixed domain; else a `domain` column or the source name
+    rating_column: str | None = "rating"  # None: the source has no rating (rating is NaN)
+    id_column: str | None = None  # None: ids from the record number (`<name>:row<N>`)
+    domain: str | None = None  # a fixed domain; else the domain_column's value, else the source name
     domain_column: str | None = None
+    delimiter: str | None = None  # csv: the field separator (None: tab for .tsv files, else comma)
     split: str = "train"
     exclude_ids: str | None = None  # a file of review ids to drop (one per line)
 
@@ -150,13 +152,14 @@ class TeacherConfig:
     max_reviews: int | None = None  # cap on reviews sent to the teacher
     # vllm: the interpreter of the separate vllm environment (FSA_VLLM_PYTHON)
     python: str | None = None
-    vllm_args: dict[str, Any] = field(default_factory=dict)
+    vllm_args: dict[str, Any] = field(default_factory=dict)  # vllm.LLM keywords (over the CPU defaults)
     # openai: any OpenAI-compatible server; the key is read from the environment variable named here
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 4
-    timeout_s: float = 120.0
-    max_retries: int = 5
+    concurrency: int = 4  # requests in flight
+    timeout_s: float = 120.0  # per request
+    max_retries: int = 5  # on 429, 5xx, timeouts, dropped connections, malformed replies
+    backoff_s: float = 0.5  # first retry delay; doubles per retry (with jitter), capped at 30 s
     # released: JSON lines with ID, Text, Overall, <model>_response
     released_path: str | None = None
     released_field: str | None = None
@@ -164,16 +167,19 @@ class TeacherConfig:
 
 @dataclass
 class CleanConfig:
-    """Corpus cleaning rules and their parameters."""
+    """Corpus cleaning rules and their parameters (tasks/clean.py applies them in the order of RULES)."""
 
-    min_chars: int = 20
+    min_chars: int = 20  # bounds on the cleaned output, in characters
     max_chars: int = 4000
-    minhash_perm: int = 64
+    minhash_perm: int = 64  # a multiple of minhash_bands
     minhash_bands: int = 16
-    minhash_ngram: int = 5
-    near_dup_threshold: float = 0.8
+    minhash_ngram: int = 5  # word n-gram shingles
+    near_dup_threshold: float = 0.8  # estimated Jaccard at or above which a row is a near duplicate
     decontam_ngram: int = 8
-    decontam_threshold: float = 0.5
+    decontam_threshold: float = 0.5  # drop a review sharing more than this share of a sentence's n-grams
+    # Benchmark sentences with fewer words are skipped: short ones ("The food is good.") occur in many
+    # unrelated reviews. Sentences from here up to decontam_ngram words must occur whole.
+    decontam_min_words: int = 8
     row_group_size: int = 10_000
 
 

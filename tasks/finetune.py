@@ -141,6 +141,8 @@ def _train(out: Path, scratch: Path, model: Any, tokenizer: Any, ft: dict[str, A
                 "best_epoch": best.get("epoch"),
                 "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name,
                 "resumed_from": Path(resume).name if resume else None,
+                "device": trainer.args.device.type,
+                "bf16": bool(trainer.args.bf16),
             },
             indent=1,
         )

@@ -197,5 +197,8 @@ def pretrain(out: Path, *, scratch: Path, student: Artifact, corpus: Artifact, o
         "examples": len(dataset),
         "tokens": int(sum(dataset["length"])),
         "resumed_from": Path(resume).name if resume else None,
+        "device": trainer.args.device.type,
+        "bf16": bool(trainer.args.bf16),
+        "train_runtime_s": trainer.state.log_history[-1].get("train_runtime") if trainer.state.log_history else None,
     }
     (out / "pretrain_log.json").write_text(json.dumps({"stats": stats, "history": trainer.state.log_history}, indent=1))

@@ -48,7 +48,13 @@ def summarise(per_seed: pd.DataFrame) -> pd.DataFrame:
 def markdown_table(summary: pd.DataFrame) -> str:
     """F1 (mean ± std) with datasets × test types as columns and students as rows."""
     cell = summary.assign(value=summary.f1_mean.map("{:.2f}".format) + " ± " + summary.f1_std.map("{:.2f}".format))
+    return _wide_markdown(cell)
+
+
+def _wide_markdown(cell: pd.DataFrame) -> str:
+    """Students as rows, dataset × test type as columns, `value` in the cells."""
     wide = cell.pivot(index="student", columns=["dataset", "test_type"], values="value")
+    wide = wide.reindex(list(dict.fromkeys(cell.student)))
     header = "| student | " + " | ".join(f"{d} {t}" for d, t in wide.columns) + " |"
     sep = "|---|" + "---|" * len(wide.columns)
     lines = [header, sep]
@@ -77,12 +83,45 @@ def chart(summary: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def deltas(summary: pd.DataFrame, baseline: str = "baseline") -> pd.DataFrame:
+    """F1 difference (points) of every other student against `baseline`, per dataset and test type."""
+    if baseline not in set(summary.student):
+        return pd.DataFrame(columns=["student", "dataset", "test_type", "f1_delta"])
+    base = summary[summary.student == baseline].set_index(["dataset", "test_type"]).f1_mean
+    others = summary[summary.student != baseline].copy()
+    others["f1_delta"] = (
+        others.f1_mean.to_numpy() - base.reindex(list(zip(others.dataset, others.test_type, strict=True))).to_numpy()
+    )
+    return others[["student", "dataset", "test_type", "f1_delta"]].reset_index(drop=True)
+
+
+def corpus_markdown(stats: dict[str, Any]) -> str:
+    """The distillation corpus: generated, kept, dropped per rule, tokens."""
+    lines = ["| corpus | count |", "|---|---|"]
+    for key in ("generated", "kept", "output_tokens_kept", "review_chars_kept"):
+        if key in stats:
+            lines.append(f"| {key} | {stats[key]} |")
+    for rule, n in stats.get("dropped", {}).items():
+        lines.append(f"| dropped: {rule} | {n} |")
+    return "\n".join(lines) + "\n"
+
+
 @stage("report")
-def report(out: Path, *, results: list[dict[str, Any]]) -> None:
-    """Write `per_seed.csv`, `summary.csv`, `summary.md` and `f1.png`."""
+def report(out: Path, *, results: list[dict[str, Any]], corpus: Artifact | None = None) -> None:
+    """Write `per_seed.csv`, `summary.csv`, `deltas.csv`, `summary.md` and `f1.png`."""
     per_seed = collect(results)
     summary = summarise(per_seed)
+    delta = deltas(summary)
     per_seed.to_csv(out / "per_seed.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
-    (out / "summary.md").write_text(markdown_table(summary))
+    delta.to_csv(out / "deltas.csv", index=False)
+    text = "## Test F1 (%), mean ± std over seeds\n\n" + markdown_table(summary)
+    if len(delta):
+        cells = delta.assign(value=delta.f1_delta.map("{:+.2f}".format))
+        text += "\n## F1 difference to the baseline (points)\n\n" + _wide_markdown(cells)
+    if corpus is not None:
+        stats = json.loads((Path(corpus.path) / "stats.json").read_text())
+        (out / "corpus_stats.json").write_text(json.dumps(stats, indent=1))
+        text += "\n## Distillation corpus\n\n" + corpus_markdown(stats)
+    (out / "summary.md").write_text(text)
     chart(summary, out / "f1.png")

@@ -21,14 +21,15 @@ import shutil
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
-
-from prefect import Task, task
-from prefect.futures import PrefectFuture
-from prefect.task_runners import TaskRunner
+from typing import TYPE_CHECKING, Any
 
 from fsa_distill.artifacts import Artifact, atomic_dir, canonical_json, seal, verify
 from fsa_distill.errors import is_transient
+
+if TYPE_CHECKING:  # Prefect is imported only where tasks are built, so `Stage.run` works without it
+    from prefect import Task
+    from prefect.futures import PrefectFuture
+    from prefect.task_runners import TaskRunner
 
 StageFn = Callable[..., None]
 
@@ -107,6 +108,7 @@ class Stage:
     @cached_property
     def task(self) -> Task:
         """The Prefect task: cache key from `key`, results persisted, retries for transient errors."""
+        from prefect import task
 
         def run_stage(store: str, params: dict[str, Any]) -> Artifact:
             return self.run(store, params)

@@ -24,9 +24,13 @@ DATA_SOURCE = os.environ["FSA_DATA_SOURCE"]
 
 
 def shrunk(workdir: Path, *extra: str) -> list[str]:
-    """Overrides that shrink the real default config to seconds: few sentences, one epoch, a tiny T5."""
+    """Overrides that shrink the real default config to seconds: few sentences, one epoch, a tiny T5.
+
+    Distillation is off here; `shrunk_distill` switches it on with a tiny teacher corpus.
+    """
     return [
         f"workdir={workdir}",
+        "distill.enabled=false",
         f"data.source={DATA_SOURCE}",
         "data.limit=12",
         "data.datasets=[atsa/rest14,acsa/rest16]",
@@ -43,6 +47,27 @@ def shrunk(workdir: Path, *extra: str) -> list[str]:
         "benchmark.max_new_tokens=12",
         *extra,
     ]
+
+
+REVIEWS_ROOT = str(Path(DATA_SOURCE).parent / "reviews")
+
+
+def shrunk_distill(workdir: Path, *extra: str) -> list[str]:
+    """`shrunk` with distillation on: a handful of reviews, short teacher outputs, a few pretraining steps."""
+    return shrunk(
+        workdir,
+        "distill.enabled=true",
+        f"reviews.root={REVIEWS_ROOT}",
+        "reviews.per_domain=1",
+        "teacher.max_reviews=2",
+        "teacher.shard_size=2",
+        "teacher.batch_size=4",
+        "pretrain.max_steps=3",
+        "pretrain.save_steps=2",
+        "pretrain.batch_size=4",
+        "pretrain.max_target_length=64",
+        *extra,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,75 @@
+"""GPU checks (CUDA only; skipped elsewhere): bf16 pretraining, CUDA fine-tuning and generation.
+
+Run on a GPU machine with `pytest -m gpu`. CI has no GPU, so these are skipped there; the README
+records what they measured when run on a lent H100/H200.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from fsa_distill.artifacts import Artifact, seal
+from fsa_distill.config import compose_config
+from tasks.acquire import acquire
+from tasks.evaluate import evaluate, read_metrics
+from tasks.finetune import finetune
+from tasks.pretrain import pretrain
+from tasks.student import init_student
+from tests.conftest import DATA_SOURCE
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+SMALL = ["student.d_model=256", "student.d_ff=1024", "student.num_layers=4", "student.num_decoder_layers=4",
+         "student.num_heads=4", "student.d_kv=64", "student.vocab_size=8000"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    store = tmp_path_factory.mktemp("gpu")
+    cfg = compose_config(SMALL)
+    data = acquire.run(store, {"dataset": "atsa/rest14", "source": DATA_SOURCE})
+    student = init_student.run(store, {"student": cfg["student"], "datasets": [data]})
+    lines = (Path(DATA_SOURCE) / "prompting/test/mixtral/test_500_4m8d.json").read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line.lstrip("\ufeff")) for line in lines if line.strip()]
+    folder = store / "corpus"
+    folder.mkdir()
+    table = pa.table({"review": [r["Text"] for r in rows], "output": [r["mixtral_response"] for r in rows]})
+    pq.write_table(table, folder / "corpus.parquet")
+    return store, cfg, data, student, Artifact(path=str(folder), sha256=seal(folder))
+
+
+def test_bf16_pretraining_on_cuda(setup):
+    store, cfg, _, student, corpus = setup
+    params = {"student": student, "corpus": corpus, "objective": "distill",
+              "pretrain": {**cfg["pretrain"], "max_steps": 150, "batch_size": 20, "grad_accum": 5, "bf16": True,
+                           "save_steps": 1000}}  # fmt: skip
+    model = pretrain.run(store, params)
+    log = json.loads((Path(model.path) / "pretrain_log.json").read_text())
+    assert log["stats"]["device"] == "cuda" and log["stats"]["bf16"] is True
+    losses = [h["loss"] for h in log["history"] if "loss" in h]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    print("bf16 pretrain:", log["stats"], "first/last loss", losses[0], losses[-1])
+
+
+def test_finetune_and_generation_on_cuda(setup):
+    store, cfg, data, student, _ = setup
+    ft = {k: v for k, v in cfg["finetune"].items() if k not in ("seeds", "seed")}
+    params = {"data": data, "student": student, "seed": 42, "finetune": {**ft, "epochs": 3, "bf16": True},
+              "generation": {"max_new_tokens": 100, "num_beams": 1}}  # fmt: skip
+    model = finetune.run(store, params)
+    dev = json.loads((Path(model.path) / "dev_metrics.json").read_text())
+    assert dev["device"] == "cuda" and dev["bf16"] is True
+    ev = evaluate.run(store, {"model": model, "data": data, "benchmark": cfg["benchmark"]})
+    metrics = read_metrics(ev.path)
+    assert set(metrics) == {"normal", "implicit", "mams", "hard"}
+    print("cuda finetune dev:", dev, "test:", {k: round(v["f1"], 4) for k, v in metrics.items()})
