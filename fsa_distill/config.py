@@ -52,7 +52,7 @@ class FinetuneConfig:
     seeds: list[int] = field(default_factory=lambda: [42, 52])
     seed: int | None = None  # a single seed, for sweeps: `-m finetune.seed=42,52`
     learning_rate: float = 1e-3
-    epochs: int = 6
+    epochs: int = 4
     batch_size: int = 16
     weight_decay: float = 0.01
     lr_scheduler: str = "linear"

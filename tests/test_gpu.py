@@ -73,3 +73,48 @@ def test_finetune_and_generation_on_cuda(setup):
     metrics = read_metrics(ev.path)
     assert set(metrics) == {"normal", "implicit", "mams", "hard"}
     print("cuda finetune dev:", dev, "test:", {k: round(v["f1"], 4) for k, v in metrics.items()})
+
+
+def test_teacher_generation_on_cuda(setup, tmp_path):
+    """The transformers teacher backend on CUDA (bf16), with SmolLM2's architecture and tokenizer.
+
+    The real weights are too large to carry to a lent GPU, so the model is SmolLM2's config with
+    random weights (FSA_GPU_TEACHER_CONFIG: a folder with its config.json and tokenizer files).
+    """
+    import os
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.generate import generate_shard
+
+    source = os.environ.get("FSA_GPU_TEACHER_CONFIG")
+    if not source:
+        pytest.skip("FSA_GPU_TEACHER_CONFIG is not set")
+    store, cfg, data, _, _ = setup
+    folder = tmp_path / "teacher"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    sentences = pq.read_table(Path(data.path) / "test.parquet").column("sentence").to_pylist()[:64]
+    reviews = tmp_path / "reviews"
+    reviews.mkdir()
+    pq.write_table(
+        pa.table(
+            {
+                "id": [f"r{i}" for i in range(64)],
+                "text": sentences,
+                "rating": [3.0] * 64,
+                "domain": ["restaurants"] * 64,
+                "source": ["rest14"] * 64,
+            }
+        ),
+        reviews / "reviews.parquet",
+    )
+    review_art = Artifact(path=str(reviews), sha256=seal(reviews))
+    teacher = {**cfg["teacher"], "model": str(folder), "max_reviews": 64, "shard_size": 128, "batch_size": 32,
+               "max_new_tokens": 64}  # fmt: skip
+    out = generate_shard.run(store, {"reviews": review_art, "shard": 0, "prompts": cfg["prompts"], "teacher": teacher})
+    stats = json.loads((Path(out.path) / "stats.json").read_text())
+    rows = pq.read_table(Path(out.path) / "generations.parquet")
+    assert rows.num_rows == 128 and stats["device"].startswith("cuda")
+    print("cuda teacher generation:", stats)

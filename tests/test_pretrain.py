@@ -115,21 +115,21 @@ pretrain.run(sys.argv[1], params)
 def test_killed_pretrain_resumes_from_last_checkpoint(setup):
     store, cfg, student, corpus = setup
     params = {"student": student, "corpus": corpus, "objective": "distill",
-              "pretrain": {**cfg["pretrain"], "max_steps": 400, "save_steps": 4, "batch_size": 2,
-                           "max_target_length": 48}}  # fmt: skip
+              "pretrain": {**cfg["pretrain"], "max_steps": 60, "save_steps": 4, "batch_size": 8,
+                           "max_target_length": 256}}  # fmt: skip
     scratch = pretrain.output_dir(store, params).with_name(pretrain.output_dir(store, params).name + ".scratch")
     payload = json.dumps({**params, "student": student.model_dump(), "corpus": corpus.model_dump()})
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(store), payload], env=dict(os.environ))
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not list(scratch.glob("checkpoint-8")):
+    # save_total_limit keeps only the newest checkpoints, so wait for any past step 8, not for one name
+    while time.monotonic() < deadline and not any(int(p.name.split("-")[1]) >= 8 for p in scratch.glob("checkpoint-*")):
         assert proc.poll() is None, "the training process ended before it could be killed"
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not pretrain.output_dir(store, params).exists()
     last = max(int(p.name.split("-")[1]) for p in scratch.glob("checkpoint-*") if (p / "trainer_state.json").exists())
-    short = {**params, "pretrain": {**params["pretrain"], "max_steps": 400}}
-    model = pretrain.run(store, short)
+    model = pretrain.run(store, params)
     log = json.loads((Path(model.path) / "pretrain_log.json").read_text())
     assert log["stats"]["resumed_from"] == f"checkpoint-{last}"
     assert not scratch.exists()
