@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fsa_distill.config import compose_config
 from tasks.clean import GENERATIONS_SCHEMA
 
 DATA_SOURCE = os.environ.get(
@@ -49,18 +50,7 @@ DATA_SOURCE = os.environ.get(
 MIXTRAL = "prompting/test/mixtral/test_500_4m8d.json"
 DATASETS = ["atsa/rest14", "atsa/laptop14", "acsa/rest16", "acsa/laptop16"]
 PUNCTUATION = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~“”‘’–—…«»¡¿·•"
-CLEAN = {
-    "min_chars": 20,
-    "max_chars": 4000,
-    "minhash_perm": 64,
-    "minhash_bands": 16,
-    "minhash_ngram": 5,
-    "near_dup_threshold": 0.8,
-    "decontam_ngram": 8,
-    "decontam_threshold": 0.5,
-    "decontam_min_words": 8,
-    "row_group_size": 10_000,
-}
+CLEAN = compose_config([])["clean"]  # the real default config
 
 
 def rss_mb() -> float:

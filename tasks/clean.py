@@ -36,27 +36,13 @@ import pyarrow.parquet as pq
 from fsa_distill.artifacts import Artifact
 from fsa_distill.errors import InputError
 from tasks.stage import stage
+from tasks.teachers.common import GENERATIONS
 
 # --------------------------------------------------------------------------------------------
 # Schemas and rule names
 
-GENERATIONS_SCHEMA = pa.schema(
-    [
-        ("review_id", pa.string()),
-        ("prompt", pa.string()),
-        ("template_version", pa.string()),
-        ("teacher", pa.string()),
-        ("model", pa.string()),
-        ("sampling", pa.string()),
-        ("prompt_sha256", pa.string()),
-        ("review", pa.string()),
-        ("output", pa.string()),
-        ("finish_reason", pa.string()),
-        ("prompt_tokens", pa.int64()),
-        ("output_tokens", pa.int64()),
-        ("latency_s", pa.float64()),
-    ]
-)
+#: The generate stage's output contract (tasks/teachers/common.py), the input of cleaning.
+GENERATIONS_SCHEMA = GENERATIONS
 CORPUS_SCHEMA = GENERATIONS_SCHEMA.append(pa.field("raw_output", pa.string()))
 QUARANTINE_SCHEMA = GENERATIONS_SCHEMA.append(pa.field("rule", pa.string())).append(pa.field("detail", pa.string()))
 

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fsa_distill.artifacts import Artifact, sha256_file
+from fsa_distill.config import compose_config
 from fsa_distill.errors import InputError
 from tasks.acquire import acquire
 from tasks.clean import (
@@ -35,18 +36,7 @@ from tasks.clean import (
 
 DATASETS = ["atsa/rest14", "atsa/laptop14", "acsa/rest16", "acsa/laptop16"]
 MIXTRAL = Path(os.environ["FSA_DATA_SOURCE"]) / "prompting/test/mixtral/test_500_4m8d.json"
-CFG: dict[str, Any] = {
-    "min_chars": 20,
-    "max_chars": 4000,
-    "minhash_perm": 64,
-    "minhash_bands": 16,
-    "minhash_ngram": 5,
-    "near_dup_threshold": 0.8,
-    "decontam_ngram": 8,
-    "decontam_threshold": 0.5,
-    "decontam_min_words": 8,
-    "row_group_size": 10_000,
-}
+CFG: dict[str, Any] = compose_config([])["clean"]  # the real default config
 # A real rest14 hard_test sentence (ID 4466396:0); the Mixtral file's review 4466396 starts with it.
 BENCH_SENTENCE = (
     "The menu is nice and the decor is amazing however that didn't make up for the horrible experience "

@@ -318,3 +318,17 @@ def test_hub_source_offline_gives_a_clear_error(tmp_path, monkeypatch):
     assert source_fingerprints(cfg) == {"hub:hf": "hf:no-such-user/no-such-reviews:train"}
     with pytest.raises(InputError, match=r"cannot load hub dataset 'no-such-user/no-such-reviews'.*HF_HUB_OFFLINE"):
         run(tmp_path / "store", cfg)
+
+
+def test_hf_source_goes_through_datasets_load_dataset(tmp_path):
+    """`kind: hf` loads with datasets.load_dataset, which takes a hub name or, as here offline, a local
+    dataset folder: the same code path a user with hub access takes, minus the download."""
+    folder = tmp_path / "my-reviews"
+    folder.mkdir()
+    table = pa.table({"body": ["Great pasta, rude waiter.", "  ", "Loved it."], "stars": [4, 2, None]})
+    pq.write_table(table, folder / "train-00000.parquet")
+    source = {"name": "hub", "kind": "hf", "path": str(folder), "split": "train", "text_column": "body",
+              "rating_column": "stars"}  # fmt: skip
+    _, kept, quarantined, _ = run(tmp_path / "store", config(tmp_path, [source]))
+    assert kept.column("text").to_pylist() == ["Great pasta, rude waiter."]
+    assert sorted(q["reason"] for q in quarantined) == ["bad_rating", "empty_text"]
