@@ -6,7 +6,9 @@ test module imports prefect.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from fsa_distill import ROOT
 from fsa_distill.env import configure
 
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="fsa-tests-"))
+atexit.register(shutil.rmtree, SESSION_DIR, ignore_errors=True)
 os.environ.setdefault("FSA_DATA_SOURCE", str((ROOT.parent / "shared" / "data" / "fsa-distillation").resolve()))
 os.environ["FSA_WORKDIR"] = str(SESSION_DIR / "work")
 configure(SESSION_DIR / "work")
