@@ -101,11 +101,13 @@ def _stages(cfg: dict[str, Any], runner: Any, store: Path, tracker: Tracker, par
     corpus = None
     if cfg["distill"]["enabled"]:
         corpus = _distillation_corpus(cfg, runner, store, tracker, parent, [data[d] for d in datasets])
+        # The list of objectives is not part of an arm's recipe: dropping one arm must not retrain the other.
+        pt_cfg = {k: v for k, v in cfg["pretrain"].items() if k != "objectives"}
         pretrained = {
             objective: pretrain.submit(
                 runner,
                 store,
-                {"student": student, "corpus": corpus, "objective": objective, "pretrain": cfg["pretrain"]},
+                {"student": student, "corpus": corpus, "objective": objective, "pretrain": pt_cfg},
                 label=objective,
             )
             for objective in cfg["pretrain"]["objectives"]

@@ -277,6 +277,12 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ValueError(f"runner.kind: {cfg['runner']['kind']!r} is not one of thread, dask")
     if not seeds(cfg):
         raise ValueError("finetune.seeds is empty")
+    for objective in cfg["pretrain"]["objectives"]:
+        if objective not in ("distill", "span_corruption"):
+            raise ValueError(f"pretrain.objectives: unknown {objective!r}; known: distill, span_corruption")
+    backends = ("transformers", "vllm", "openai", "released")
+    if cfg["teacher"]["backend"] not in backends:
+        raise ValueError(f"teacher.backend: {cfg['teacher']['backend']!r} is not one of {', '.join(backends)}")
 
 
 def seeds(cfg: dict[str, Any]) -> list[int]:

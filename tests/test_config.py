@@ -58,3 +58,10 @@ def test_unknown_dataset_is_rejected():
 def test_env_var_overrides_the_source(monkeypatch, tmp_path):
     monkeypatch.setenv("FSA_DATA_SOURCE", str(tmp_path))
     assert compose_config([])["data"]["source"] == str(tmp_path)
+
+
+def test_unknown_pretrain_objective_and_teacher_backend_are_rejected():
+    with pytest.raises(ValueError, match=r"pretrain\.objectives: unknown 'mlm'"):
+        compose_config(["pretrain.objectives=[distill,mlm]"])
+    with pytest.raises(ValueError, match=r"teacher\.backend: 'ollama' is not one of"):
+        compose_config(["teacher.backend=ollama"])
