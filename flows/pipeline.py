@@ -268,6 +268,7 @@ def _track_corpus(
         {"kind": "corpus", "teacher": teacher["name"], "corpus_sha256": corpus.sha256},
         parent=parent,
     )  # fmt: skip
+    tracker.metrics(child, {f"generation.{k}": v for k, v in generation_totals(generations).items()})
     stats = json.loads((Path(corpus.path) / "stats.json").read_text())
     tracker.metrics(child, numeric(stats))
     tracker.metrics(child, {f"dropped.{rule}": n for rule, n in stats.get("dropped", {}).items()})
@@ -277,6 +278,23 @@ def _track_corpus(
     rows = [{"rule": rule, "dropped": n} for rule, n in stats.get("dropped", {}).items()]
     rows.append({"rule": "kept", "dropped": stats.get("kept", 0)})
     create_table_artifact(key="fsa-clean", table=rows, description=f"Cleaning of {stats.get('generated')} outputs")
+
+
+def generation_totals(generations: list[Artifact]) -> dict[str, float]:
+    """Teacher generation summed over shards: pairs, tokens, wall time, errors, retries, finish reasons."""
+    totals: dict[str, float] = {}
+    for art in generations:
+        path = Path(art.path) / "stats.json"
+        if not path.is_file():  # imported (released) outputs have no generation statistics
+            continue
+        stats = json.loads(path.read_text())
+        for key in ("pairs", "output_tokens", "wall_s", "errors", "retries", "malformed"):
+            totals[key] = totals.get(key, 0.0) + float(stats.get(key) or 0)
+        for reason, n in stats.get("finish_reasons", {}).items():
+            totals[f"finish_{reason}"] = totals.get(f"finish_{reason}", 0.0) + n
+    if totals.get("wall_s"):
+        totals["output_tokens_per_s"] = totals["output_tokens"] / totals["wall_s"]
+    return totals
 
 
 def _track_pretrain(cfg: dict[str, Any], tracker: Tracker, parent: str, objective: str, model: Artifact) -> None:

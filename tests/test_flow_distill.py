@@ -77,3 +77,7 @@ def test_default_teacher_path_generates_cleans_and_pretrains(tmp_path):
     stats = json.loads((Path(result["report"]) / "corpus_stats.json").read_text())
     assert stats["generated"] == 4 and stats["kept"] + sum(stats["dropped"].values()) == 4
     assert set(result["arms"]) == {"baseline", "distill", "span_corruption"}
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = client.get_run(result["parent_run_id"])
+    (corpus,) = client.search_runs([parent.info.experiment_id], "tags.kind = 'corpus'")
+    assert corpus.data.metrics["generation.pairs"] == 4 and corpus.data.metrics["generation.output_tokens"] > 0
