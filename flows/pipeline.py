@@ -20,13 +20,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from benchmark.specs import get_spec
 from flows.tracking import Tracker, flatten, git_commit, numeric
-from fsa_distill.artifacts import Artifact, sha256_file
+from fsa_distill.artifacts import Artifact, fingerprint
 from fsa_distill.config import compose_config, seeds
 from tasks.acquire import acquire
 from tasks.clean import clean
 from tasks.evaluate import evaluate, read_metrics
 from tasks.finetune import finetune
-from tasks.generate import count_shards, generate_shard, import_released
+from tasks.generate import count_shards, generate_shard, import_released, released_params
 from tasks.pretrain import pretrain
 from tasks.report import report
 from tasks.reviews import reviews, source_fingerprints
@@ -53,6 +53,10 @@ def fsa_distill(overrides: list[str] | None = None, config: dict[str, Any] | Non
     `runner` (threads or a Dask cluster), chosen per run rather than per deployment.
     """
     cfg = config if config is not None else compose_config(overrides)
+    if cfg["torch_threads"]:  # here rather than in the CLI, so deployment runs honour it too
+        import torch
+
+        torch.set_num_threads(cfg["torch_threads"])
     logger = get_run_logger()
     workdir = Path(cfg["workdir"]).resolve()
     store = workdir / "artifacts"
@@ -62,9 +66,9 @@ def fsa_distill(overrides: list[str] | None = None, config: dict[str, Any] | Non
         flatten("", cfg),
         {"mlflow.source.git.commit": git_commit(), "student": cfg["student"]["name"], "kind": "flow"},
     )
-    tracker.client.log_text(parent, yaml.safe_dump(cfg, sort_keys=False), "config.yaml")
     ok = False
     try:
+        tracker.client.log_text(parent, yaml.safe_dump(cfg, sort_keys=False), "config.yaml")
         with make_runner(cfg["runner"]) as runner:
             result = _stages(cfg, runner, store, tracker, parent)
         ok = True
@@ -92,9 +96,12 @@ def _stages(cfg: dict[str, Any], runner: Any, store: Path, tracker: Tracker, par
         for name in datasets
     }
     data = {name: future.result() for name, future in acquired.items()}
-    student = init_student.submit(
-        runner, store, {"student": student_cfg, "datasets": [data[d] for d in datasets]}, label=student_cfg["name"]
-    ).result()
+    if student_cfg["pretrained"]:  # a checkpoint: keyed by its name and, for a local folder, its content
+        student_params = {"student": {"name": student_cfg["name"], "pretrained": student_cfg["pretrained"]},
+                          "datasets": [], "fingerprint": fingerprint(student_cfg["pretrained"])}  # fmt: skip
+    else:  # built from the config, with a tokenizer trained on the run's text
+        student_params = {"student": student_cfg, "datasets": [data[d] for d in datasets], "fingerprint": ""}
+    student = init_student.submit(runner, store, student_params, label=student_cfg["name"]).result()
 
     # The arms compared in the report: the student as initialised, then one per pretraining objective.
     arms: dict[str, Artifact] = {"baseline": student}
@@ -172,26 +179,19 @@ def _distillation_corpus(
     """reviews -> teacher generation (sharded) -> clean, or the released outputs -> clean."""
     teacher = cfg["teacher"]
     if teacher["backend"] == "released":
-        path = teacher["released_path"]
-        generations = [
-            import_released.submit(
-                runner,
-                store,
-                {"path": path, "fingerprint": sha256_file(path), "teacher": teacher},
-                label=teacher["name"],
-            ).result()
-        ]
+        generations = [import_released.submit(runner, store, released_params(teacher), label=teacher["name"]).result()]
     else:
         reviews_cfg = cfg["reviews"]
         raw = reviews.submit(
             runner, store, {"reviews": reviews_cfg, "fingerprints": source_fingerprints(reviews_cfg)}, label="mirror"
         ).result()
+        model_print = fingerprint(teacher["model"])
         n_shards = count_shards(Path(raw.path) / "reviews.parquet", cfg["prompts"], teacher)
         shards = [
             generate_shard.submit(
                 runner,
                 store,
-                {"reviews": raw, "shard": k, "prompts": cfg["prompts"], "teacher": teacher},
+                {"reviews": raw, "shard": k, "prompts": cfg["prompts"], "teacher": teacher, "fingerprint": model_print},
                 label=f"{teacher['name']}-{k}",
             )
             for k in range(n_shards)
@@ -211,28 +211,27 @@ def _track_child(
     slug = get_spec(name).slug
     student = cfg["student"]["name"]
     tags = {"dataset": name, "seed": str(seed), "student": student, "arm": arm, "model_sha256": model.sha256}
-    child = tracker.start(
+    with tracker.child(
         _label(arm, name, seed),
         {"dataset": name, "seed": str(seed), "student": student, "arm": arm, **flatten("finetune", cfg["finetune"])},
         tags,
         parent=parent,
-    )
-    model_dir, ev_dir = Path(model.path), Path(ev.path)
-    tracker.history(child, json.loads((model_dir / "train_log.json").read_text()))
-    dev = json.loads((model_dir / "dev_metrics.json").read_text())
-    tracker.metrics(child, {f"dev_best_{k}": v for k, v in numeric(dev).items()})
-    test = read_metrics(ev_dir)
-    tracker.metrics(
-        child,
-        {f"test_{tt}_{m}": v for tt, vals in test.items() for m, v in vals.items() if m != "n_sentences"},
-    )
-    for file in ("predictions.parquet", "metrics.json"):
-        tracker.files(child, ev_dir / file, "evaluation")
-    tracker.files(child, model_dir / "train_log.json", "training")
-    if cfg["tracking"]["register_models"]:
-        model_name = f"{cfg['tracking']['model_prefix']}-{slug}-{student}-{arm}"
-        tracker.register(child, model_dir, model_name, model.sha256)
-    tracker.end(child, True)
+    ) as child:
+        model_dir, ev_dir = Path(model.path), Path(ev.path)
+        tracker.history(child, json.loads((model_dir / "train_log.json").read_text()))
+        dev = json.loads((model_dir / "dev_metrics.json").read_text())
+        tracker.metrics(child, {f"dev_best_{k}": v for k, v in numeric(dev).items()})
+        test = read_metrics(ev_dir)
+        tracker.metrics(
+            child,
+            {f"test_{tt}_{m}": v for tt, vals in test.items() for m, v in vals.items() if m != "n_sentences"},
+        )
+        for file in ("predictions.parquet", "metrics.json"):
+            tracker.files(child, ev_dir / file, "evaluation")
+        tracker.files(child, model_dir / "train_log.json", "training")
+        if cfg["tracking"]["register_models"]:
+            model_name = f"{cfg['tracking']['model_prefix']}-{slug}-{student}-{arm}"
+            tracker.register(child, model_dir, model_name, model.sha256)
 
 
 def _track_report(tracker: Tracker, parent: str, report_dir: Path) -> None:
@@ -242,7 +241,7 @@ def _track_report(tracker: Tracker, parent: str, report_dir: Path) -> None:
     tracker.files(parent, report_dir, "report")
     tracker.metrics(
         parent,
-        {f"{get_spec(r.dataset).slug}.{r.test_type}.f1_mean": r.f1_mean for r in summary.itertuples()},
+        {f"{r.student}.{get_spec(r.dataset).slug}.{r.test_type}.f1_mean": r.f1_mean for r in summary.itertuples()},
     )
     create_table_artifact(
         key="fsa-report",
@@ -261,20 +260,19 @@ def _track_corpus(
 ) -> None:
     """A child run for the teacher corpus: generation settings, per-rule cleaning counts, quarantine."""
     teacher = cfg["teacher"]
-    child = tracker.start(
+    with tracker.child(
         f"corpus-{teacher['name']}",
         {**flatten("teacher", teacher), **flatten("clean", cfg["clean"]),
          **{f"prompt.{k}": v["version"] for k, v in cfg["prompts"].items()}},
         {"kind": "corpus", "teacher": teacher["name"], "corpus_sha256": corpus.sha256},
         parent=parent,
-    )  # fmt: skip
-    tracker.metrics(child, {f"generation.{k}": v for k, v in generation_totals(generations).items()})
-    stats = json.loads((Path(corpus.path) / "stats.json").read_text())
-    tracker.metrics(child, numeric(stats))
-    tracker.metrics(child, {f"dropped.{rule}": n for rule, n in stats.get("dropped", {}).items()})
-    tracker.files(child, Path(corpus.path) / "stats.json")
-    tracker.files(child, Path(corpus.path) / "quarantine.parquet", "quarantine")
-    tracker.end(child, True)
+    ) as child:  # fmt: skip
+        tracker.metrics(child, {f"generation.{k}": v for k, v in generation_totals(generations).items()})
+        stats = json.loads((Path(corpus.path) / "stats.json").read_text())
+        tracker.metrics(child, numeric(stats))
+        tracker.metrics(child, {f"dropped.{rule}": n for rule, n in stats.get("dropped", {}).items()})
+        tracker.files(child, Path(corpus.path) / "stats.json")
+        tracker.files(child, Path(corpus.path) / "quarantine.parquet", "quarantine")
     rows = [{"rule": rule, "dropped": n} for rule, n in stats.get("dropped", {}).items()]
     rows.append({"rule": "kept", "dropped": stats.get("kept", 0)})
     create_table_artifact(key="fsa-clean", table=rows, description=f"Cleaning of {stats.get('generated')} outputs")
@@ -300,12 +298,11 @@ def generation_totals(generations: list[Artifact]) -> dict[str, float]:
 def _track_pretrain(cfg: dict[str, Any], tracker: Tracker, parent: str, objective: str, model: Artifact) -> None:
     """A child run per pretraining arm with its loss curve."""
     log = json.loads((Path(model.path) / "pretrain_log.json").read_text())
-    child = tracker.start(
+    with tracker.child(
         f"pretrain-{objective}",
         {"objective": objective, **flatten("pretrain", cfg["pretrain"])},
         {"kind": "pretrain", "objective": objective, "model_sha256": model.sha256},
         parent=parent,
-    )
-    tracker.history(child, log["history"])
-    tracker.metrics(child, {f"corpus_{k}": v for k, v in numeric(log["stats"]).items()})
-    tracker.end(child, True)
+    ) as child:
+        tracker.history(child, log["history"])
+        tracker.metrics(child, {f"corpus_{k}": v for k, v in numeric(log["stats"]).items()})

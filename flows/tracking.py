@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,9 @@ class Tracker:
         """Training curves from the Trainer's log history: train loss, lr and dev metrics by step."""
         renames = {"loss": "train_loss", "learning_rate": "lr", "eval_loss": "dev_loss"}
         for entry in log_history:
+            if "train_runtime" in entry:  # the closing summary: its train_loss is the run's mean, not a step's
+                self.metrics(run_id, {"train_loss_mean": entry.get("train_loss")}, int(entry.get("step", 0)))
+                continue
             step = int(entry.get("step", 0))
             values = {}
             for key, value in entry.items():
@@ -123,6 +128,17 @@ class Tracker:
         version = self.client.create_model_version(name, source=source, run_id=run_id, tags={"sha256": sha256})
         self.client.set_tag(run_id, "model_version", f"{name}/{version.version}")
         return version.version
+
+    @contextmanager
+    def child(self, name: str, params: dict[str, str], tags: dict[str, str], parent: str) -> Iterator[str]:
+        """A child run that ends FINISHED, or FAILED if logging into it raises (never left RUNNING)."""
+        run_id = self.start(name, params, tags, parent=parent)
+        ok = False
+        try:
+            yield run_id
+            ok = True
+        finally:
+            self.end(run_id, ok)
 
     def end(self, run_id: str, ok: bool) -> None:
         """Close a run as FINISHED or FAILED."""

@@ -80,6 +80,15 @@ def verify(folder: Path) -> str | None:
     return recorded.get("sha256")
 
 
+def fingerprint(model: str) -> str:
+    """Content hash of a local model folder, else the name itself (a hub id or a built-in name).
+
+    A cache key that held only the path would miss weights replaced in place.
+    """
+    path = Path(model).expanduser()
+    return tree_hash(file_hashes(path)) if path.is_dir() else model
+
+
 def canonical_json(value: Any) -> str:
     """Stable JSON for hashing: sorted keys, Artifacts reduced to their content hash."""
 

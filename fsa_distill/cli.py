@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import sys
-from typing import Any
 
 from fsa_distill import CONF_DIR
 
@@ -31,7 +30,6 @@ def _run(argv: list[str]) -> int:
         plain = to_plain(cfg)
         logging.getLogger("httpx").setLevel(logging.WARNING)
         configure(plain["workdir"])
-        _set_threads(plain)
         from flows.pipeline import fsa_distill
 
         result = fsa_distill(config=plain)
@@ -40,13 +38,6 @@ def _run(argv: list[str]) -> int:
     sys.argv = [sys.argv[0], *argv]
     job()
     return 0
-
-
-def _set_threads(cfg: dict[str, Any]) -> None:
-    if cfg.get("torch_threads"):
-        import torch
-
-        torch.set_num_threads(int(cfg["torch_threads"]))
 
 
 def _score(argv: list[str]) -> int:

@@ -154,7 +154,7 @@ def load_split(source: str, dataset: str, split: str, timeout_s: float = 60.0) -
     return rows
 
 
-@stage("acquire", code=("benchmark.protocol", "benchmark.specs"), retries=3)
+@stage("acquire", code=("benchmark.protocol", "benchmark.specs"), retries=3, unkeyed={"timeout_s": None})
 def acquire(out: Path, *, dataset: str, source: str, limit: int | None = None, timeout_s: float = 60.0) -> None:
     """Write `<split>.parquet` for the four splits of `dataset`, plus `meta.json` (task, counts)."""
     counts = {}

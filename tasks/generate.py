@@ -163,11 +163,22 @@ def shard_pairs(
         "fsa_distill.teachers",
     ),
     retries=2,
+    # how requests are made, not what the teacher answers
+    unkeyed={"teacher": ("python", "concurrency", "timeout_s", "max_retries", "backoff_s", "api_key_env")},
 )
 def generate_shard(
-    out: Path, *, reviews: Artifact, shard: int, prompts: dict[str, Any], teacher: dict[str, Any]
+    out: Path,
+    *,
+    reviews: Artifact,
+    shard: int,
+    prompts: dict[str, Any],
+    teacher: dict[str, Any],
+    fingerprint: str = "",
 ) -> None:
-    """Generate shard `shard` of the (review, prompt) pairs with `teacher.backend`."""
+    """Generate shard `shard` of the (review, prompt) pairs with `teacher.backend`.
+
+    `fingerprint` is the content hash of a local `teacher.model` folder: it only feeds the key.
+    """
     backend = teacher.get("backend")
     if backend == "released":
         raise InputError("teacher.backend=released imports outputs: use the `released` stage (import_released)")

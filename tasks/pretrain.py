@@ -170,7 +170,7 @@ class _DropLength(DataCollatorForSeq2Seq):
         return super().__call__([{k: v for k, v in f.items() if k != "length"} for f in features], return_tensors)
 
 
-@stage("pretrain", code=("tasks.student",), resumable=True)
+@stage("pretrain", code=("tasks.student",), resumable=True, unkeyed={"pretrain": ("save_steps",)})
 def pretrain(out: Path, *, scratch: Path, student: Artifact, corpus: Artifact, objective: str,
              pretrain: dict[str, Any]) -> None:  # fmt: skip
     """Pretrain `student` with `objective` on the cleaned corpus; write the model and `pretrain_log.json`."""

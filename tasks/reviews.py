@@ -375,7 +375,7 @@ def sample_key(seed: int, review_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}\0{review_id}".encode(), digest_size=8).digest(), "big")
 
 
-@stage("reviews", retries=2)
+@stage("reviews", retries=2, unkeyed={"reviews": ("root",)})
 def reviews(out: Path, *, reviews: dict[str, Any], fingerprints: dict[str, str]) -> None:
     """Write `reviews.parquet`, `quarantine.parquet` and `stats.json` for the configured sources.
 

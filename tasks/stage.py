@@ -54,8 +54,13 @@ class Stage:
         code: Sequence[str] = (),
         retries: int = 0,
         resumable: bool = False,
+        unkeyed: dict[str, tuple[str, ...] | None] | None = None,
     ) -> None:
         self.name = name
+        # Parameters (None) or keys of dict parameters (a tuple) that change how a stage runs but not
+        # what it produces (timeouts, checkpoint cadence, an interpreter path, where a mirror lives):
+        # they stay out of the cache key, so changing them recomputes nothing.
+        self.unkeyed = unkeyed or {}
         self.fn = fn
         self.code_modules = (fn.__module__, *code)
         self.retries = retries
@@ -71,7 +76,13 @@ class Stage:
 
     def key(self, params: dict[str, Any]) -> str:
         """Cache key: stage, code version and parameters (input artifacts by content hash)."""
-        payload = canonical_json({"stage": self.name, "code": self.code_version, "params": params})
+        keyed = {}
+        for name, value in params.items():
+            if name in self.unkeyed and self.unkeyed[name] is None:
+                continue
+            drop = self.unkeyed.get(name) or ()
+            keyed[name] = {k: v for k, v in value.items() if k not in drop} if drop else value
+        payload = canonical_json({"stage": self.name, "code": self.code_version, "params": keyed})
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
     def output_dir(self, store: str | Path, params: dict[str, Any]) -> Path:
@@ -137,11 +148,16 @@ class Stage:
 
 
 def stage(
-    name: str, *, code: Sequence[str] = (), retries: int = 0, resumable: bool = False
+    name: str,
+    *,
+    code: Sequence[str] = (),
+    retries: int = 0,
+    resumable: bool = False,
+    unkeyed: dict[str, tuple[str, ...] | None] | None = None,
 ) -> Callable[[StageFn], Stage]:
     """Decorator form of `Stage`."""
 
     def wrap(fn: StageFn) -> Stage:
-        return Stage(name, fn, code=code, retries=retries, resumable=resumable)
+        return Stage(name, fn, code=code, retries=retries, resumable=resumable, unkeyed=unkeyed)
 
     return wrap

@@ -84,8 +84,11 @@ def build_t5(student: dict[str, Any], tokenizer: PreTrainedTokenizerFast) -> T5F
 
 
 @stage("student")
-def init_student(out: Path, *, student: dict[str, Any], datasets: list[Artifact]) -> None:
-    """Save the initial student (model + tokenizer) into `out`."""
+def init_student(out: Path, *, student: dict[str, Any], datasets: list[Artifact], fingerprint: str = "") -> None:
+    """Save the initial student (model + tokenizer) into `out`.
+
+    `fingerprint` is the content hash of a local `student.pretrained` folder: it only feeds the key.
+    """
     if student.get("pretrained"):
         model, tokenizer = load_seq2seq(student["pretrained"])
     else:

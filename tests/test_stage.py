@@ -51,6 +51,13 @@ def test_key_follows_input_content_not_path(tmp_path):
     assert double_stage.key({"source": a3, "factor": 2}) != double_stage.key({"source": a1, "factor": 2})
 
 
+def test_unkeyed_settings_do_not_change_the_key():
+    stage = Stage("t-unkeyed", _seed, unkeyed={"timeout_s": None, "cfg": ("retries",)})
+    base = stage.key({"value": 1, "timeout_s": 5, "cfg": {"retries": 1, "lr": 0.1}})
+    assert stage.key({"value": 1, "timeout_s": 50, "cfg": {"retries": 9, "lr": 0.1}}) == base
+    assert stage.key({"value": 1, "timeout_s": 5, "cfg": {"retries": 1, "lr": 0.2}}) != base
+
+
 def test_deleted_or_edited_output_is_recomputed(tmp_path):
     CALLS.clear()
     a = seed_stage.run(tmp_path, {"value": 3})

@@ -69,7 +69,7 @@ def read_released(path: Path, field: str, limit: int | None = None) -> list[dict
     return records
 
 
-@stage("released", code=("tasks.teachers.common",))
+@stage("released", code=("tasks.teachers.common",), unkeyed={"path": None})
 def import_released(out: Path, *, path: str, fingerprint: str, teacher: dict[str, Any]) -> None:
     """Write `generations.parquet` and `stats.json` from a released-outputs file."""
     source = Path(path)
