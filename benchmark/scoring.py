@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmark.protocol import TEST_TYPES, score_rows
-from benchmark.specs import get_spec
+from fsa_distill.benchmark.protocol import TEST_TYPES, score_rows
+from fsa_distill.benchmark.specs import get_spec
+
 from fsa_distill.errors import InputError
 
 
@@ -35,7 +36,7 @@ def read_predictions(path: str | Path) -> dict[str, str]:
 
 def score_file(dataset: str, predictions_path: str | Path, source: str) -> dict[str, dict[str, float]]:
     """{test_type: {precision, recall, f1}} of a predictions file covering test + hard_test."""
-    from tasks.acquire import load_split
+    from fsa_distill.tasks.acquire import load_split
 
     spec = get_spec(dataset)
     rows = load_split(source, dataset, "test") + load_split(source, dataset, "hard_test")

@@ -14,23 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from fsa_distill.benchmark.specs import get_spec
+from fsa_distill.flows.tracking import Tracker, flatten, git_commit, numeric
+from fsa_distill.tasks.acquire import acquire
+from fsa_distill.tasks.clean import clean
+from fsa_distill.tasks.evaluate import evaluate, read_metrics
+from fsa_distill.tasks.finetune import finetune
+from fsa_distill.tasks.generate import count_shards, generate_shard, import_released, released_params
+from fsa_distill.tasks.pretrain import pretrain
+from fsa_distill.tasks.report import report
+from fsa_distill.tasks.reviews import reviews, source_fingerprints
+from fsa_distill.tasks.student import init_student
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from benchmark.specs import get_spec
-from flows.tracking import Tracker, flatten, git_commit, numeric
 from fsa_distill.artifacts import Artifact, fingerprint
 from fsa_distill.config import compose_config, seeds
-from tasks.acquire import acquire
-from tasks.clean import clean
-from tasks.evaluate import evaluate, read_metrics
-from tasks.finetune import finetune
-from tasks.generate import count_shards, generate_shard, import_released, released_params
-from tasks.pretrain import pretrain
-from tasks.report import report
-from tasks.reviews import reviews, source_fingerprints
-from tasks.student import init_student
 
 
 def make_runner(runner: dict[str, Any]) -> Any:
@@ -124,7 +124,7 @@ def _stages(cfg: dict[str, Any], runner: Any, store: Path, tracker: Tracker, par
             _track_pretrain(cfg, tracker, parent, objective, arms[objective])
 
     ft_cfg = {k: v for k, v in cfg["finetune"].items() if k not in ("seeds", "seed")}
-    generation = {k: cfg["benchmark"][k] for k in ("max_new_tokens", "num_beams")}
+    generation = {k: cfg["evaluate"][k] for k in ("max_new_tokens", "num_beams")}
     runs = [(arm, name, seed) for arm in arms for name in datasets for seed in seeds(cfg)]
     tuned = {
         run: finetune.submit(
@@ -147,7 +147,7 @@ def _stages(cfg: dict[str, Any], runner: Any, store: Path, tracker: Tracker, par
         evaluated[run] = evaluate.submit(
             runner,
             store,
-            {"model": models[run], "data": data[run[1]], "benchmark": cfg["benchmark"]},
+            {"model": models[run], "data": data[run[1]], "evaluate": cfg["evaluate"]},
             label=_label(*run),
         )
     evaluations = {run: future.result() for run, future in evaluated.items()}

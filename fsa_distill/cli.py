@@ -30,7 +30,7 @@ def _run(argv: list[str]) -> int:
         plain = to_plain(cfg)
         logging.getLogger("httpx").setLevel(logging.WARNING)
         configure(plain["workdir"])
-        from flows.pipeline import fsa_distill
+        from fsa_distill.flows.pipeline import fsa_distill
 
         result = fsa_distill(config=plain)
         print(json.dumps({"parent_run_id": result["parent_run_id"], "report": result["report"]}))
@@ -41,7 +41,7 @@ def _run(argv: list[str]) -> int:
 
 
 def _score(argv: list[str]) -> int:
-    from benchmark.scoring import score_file
+    from fsa_distill.benchmark.scoring import score_file
     from fsa_distill.errors import InputError
 
     parser = argparse.ArgumentParser(prog="fsa-distill score", description="Score a model's predictions.")
@@ -72,7 +72,7 @@ def _serve(argv: list[str]) -> int:
     from fsa_distill.env import configure
 
     configure(compose_config(args.overrides)["workdir"])
-    from flows.pipeline import fsa_distill
+    from fsa_distill.flows.pipeline import fsa_distill
 
     fsa_distill.serve(name=args.name, parameters={"overrides": list(args.overrides)})
     return 0

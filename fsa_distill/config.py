@@ -64,7 +64,7 @@ class FinetuneConfig:
 
 
 @dataclass
-class BenchmarkConfig:
+class EvaluateConfig:
     """Evaluation: greedy generation over length-sorted batches, scored per test type."""
 
     test_types: list[str] = field(default_factory=lambda: ["normal", "implicit", "mams", "hard"])
@@ -223,7 +223,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -264,15 +264,15 @@ def to_plain(cfg: Any) -> dict[str, Any]:
 
 def validate(cfg: dict[str, Any]) -> None:
     """Checks the schema's types cannot express; each message names the key and the choices."""
-    from benchmark.protocol import TEST_TYPES
-    from benchmark.specs import DATASETS
+    from fsa_distill.benchmark.protocol import TEST_TYPES
+    from fsa_distill.benchmark.specs import DATASETS
 
     for name in cfg["data"]["datasets"]:
         if name not in DATASETS:
             raise ValueError(f"data.datasets: unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    for test_type in cfg["benchmark"]["test_types"]:
+    for test_type in cfg["evaluate"]["test_types"]:
         if test_type not in TEST_TYPES:
-            raise ValueError(f"benchmark.test_types: unknown {test_type!r}; known: {', '.join(TEST_TYPES)}")
+            raise ValueError(f"evaluate.test_types: unknown {test_type!r}; known: {', '.join(TEST_TYPES)}")
     if cfg["runner"]["kind"] not in ("thread", "dask"):
         raise ValueError(f"runner.kind: {cfg['runner']['kind']!r} is not one of thread, dask")
     if not seeds(cfg):

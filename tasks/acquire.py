@@ -15,11 +15,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsa_distill.benchmark.protocol import POLARITIES, is_implicit, is_mams, make_target
+from fsa_distill.benchmark.specs import SHA256, SPLITS, get_spec
+from fsa_distill.tasks.stage import stage
 
-from benchmark.protocol import POLARITIES, is_implicit, is_mams, make_target
-from benchmark.specs import SHA256, SPLITS, get_spec
 from fsa_distill.errors import InputError, TransientError
-from tasks.stage import stage
 
 ASPECT = pa.struct(
     [
@@ -154,7 +154,12 @@ def load_split(source: str, dataset: str, split: str, timeout_s: float = 60.0) -
     return rows
 
 
-@stage("acquire", code=("benchmark.protocol", "benchmark.specs"), retries=3, unkeyed={"timeout_s": None})
+@stage(
+    "acquire",
+    code=("fsa_distill.benchmark.protocol", "fsa_distill.benchmark.specs"),
+    retries=3,
+    unkeyed={"timeout_s": None},
+)
 def acquire(out: Path, *, dataset: str, source: str, limit: int | None = None, timeout_s: float = 60.0) -> None:
     """Write `<split>.parquet` for the four splits of `dataset`, plus `meta.json` (task, counts)."""
     counts = {}

@@ -32,11 +32,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsa_distill.tasks.stage import stage
+from fsa_distill.tasks.teachers.common import GENERATIONS
 
 from fsa_distill.artifacts import Artifact
 from fsa_distill.errors import InputError
-from tasks.stage import stage
-from tasks.teachers.common import GENERATIONS
 
 # --------------------------------------------------------------------------------------------
 # Schemas and rule names

@@ -10,13 +10,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from fsa_distill.benchmark.protocol import parse_pairs, score_rows
+from fsa_distill.tasks.acquire import read_meta
+from fsa_distill.tasks.stage import stage
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from benchmark.protocol import parse_pairs, score_rows
 from fsa_distill.artifacts import Artifact
 from fsa_distill.models import load_seq2seq
-from tasks.acquire import read_meta
-from tasks.stage import stage
 
 PAIR = pa.struct([("label", pa.string()), ("polarity", pa.string())])
 PREDICTIONS = pa.schema(
@@ -82,8 +82,8 @@ def load_model(folder: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizer
     return model.to(device()).eval(), tokenizer
 
 
-@stage("evaluate", code=("benchmark.protocol",))
-def evaluate(out: Path, *, model: Artifact, data: Artifact, benchmark: dict[str, Any]) -> None:
+@stage("evaluate", code=("fsa_distill.benchmark.protocol",))
+def evaluate(out: Path, *, model: Artifact, data: Artifact, evaluate: dict[str, Any]) -> None:
     """Write `predictions.parquet` (test + hard_test) and `metrics.json` ({test_type: P/R/F1})."""
     task = read_meta(data.path)["task"]
     rows = (
@@ -95,10 +95,10 @@ def evaluate(out: Path, *, model: Artifact, data: Artifact, benchmark: dict[str,
         net,
         tokenizer,
         [r["sentence"] for r in rows],
-        batch_size=benchmark["batch_size"],
-        max_new_tokens=benchmark["max_new_tokens"],
-        num_beams=benchmark["num_beams"],
-        sort_by_length=benchmark["sort_by_length"],
+        batch_size=evaluate["batch_size"],
+        max_new_tokens=evaluate["max_new_tokens"],
+        num_beams=evaluate["num_beams"],
+        sort_by_length=evaluate["sort_by_length"],
     )
     records = []
     for row, prediction in zip(rows, predictions, strict=True):
@@ -116,7 +116,7 @@ def evaluate(out: Path, *, model: Artifact, data: Artifact, benchmark: dict[str,
             }
         )
     pq.write_table(pa.Table.from_pylist(records, schema=PREDICTIONS), out / "predictions.parquet")
-    metrics = score_rows(task, records, benchmark["test_types"])
+    metrics = score_rows(task, records, evaluate["test_types"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
 

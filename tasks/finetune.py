@@ -15,6 +15,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from datasets import Dataset
+from fsa_distill.benchmark.protocol import micro_prf, parse_pairs
+from fsa_distill.tasks.acquire import read_meta
+from fsa_distill.tasks.stage import stage
 from transformers import (
     DataCollatorForSeq2Seq,
     Seq2SeqTrainer,
@@ -22,11 +25,8 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from benchmark.protocol import micro_prf, parse_pairs
 from fsa_distill.artifacts import Artifact
 from fsa_distill.models import TRAIN_LOCK, load_seq2seq
-from tasks.acquire import read_meta
-from tasks.stage import stage
 
 
 def _tokenize(tokenizer: Any, rows: list[dict[str, Any]], ft: dict[str, Any]) -> Dataset:
@@ -56,7 +56,7 @@ def dev_f1_metric(task: str, tokenizer: Any, dev_rows: list[dict[str, Any]]) -> 
     return compute
 
 
-@stage("finetune", code=("benchmark.protocol",), resumable=True)
+@stage("finetune", code=("fsa_distill.benchmark.protocol",), resumable=True)
 def finetune(
     out: Path,
     *,

@@ -29,11 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-
-from fsa_distill.artifacts import Artifact
-from fsa_distill.errors import InputError
-from tasks.stage import stage
-from tasks.teachers.common import (
+from fsa_distill.tasks.stage import stage
+from fsa_distill.tasks.teachers.common import (
     GENERATIONS,
     PLACEHOLDER,
     Pair,
@@ -43,7 +40,10 @@ from tasks.teachers.common import (
     write_generations,
     write_stats,
 )
-from tasks.teachers.released import import_released, read_released, released_params
+from fsa_distill.tasks.teachers.released import import_released, read_released, released_params
+
+from fsa_distill.artifacts import Artifact
+from fsa_distill.errors import InputError
 
 __all__ = [
     "BACKENDS",
@@ -59,9 +59,9 @@ __all__ = [
 
 #: backend name -> module with `generate(pairs, teacher) -> (generations, stats)`
 BACKENDS = {
-    "transformers": "tasks.teachers.hf",
-    "vllm": "tasks.teachers.vllm",
-    "openai": "tasks.teachers.openai_compat",
+    "transformers": "fsa_distill.tasks.teachers.hf",
+    "vllm": "fsa_distill.tasks.teachers.vllm",
+    "openai": "fsa_distill.tasks.teachers.openai_compat",
 }
 REVIEWS_FILE = "reviews.parquet"
 
@@ -155,12 +155,12 @@ def shard_pairs(
 @stage(
     "generate",
     code=(
-        "tasks.teachers.common",
-        "tasks.teachers.hf",
-        "tasks.teachers.vllm",
-        "tasks.teachers.openai_compat",
-        "tasks.vllm_worker",
-        "fsa_distill.teachers",
+        "fsa_distill.tasks.teachers.common",
+        "fsa_distill.tasks.teachers.hf",
+        "fsa_distill.tasks.teachers.vllm",
+        "fsa_distill.tasks.teachers.openai_compat",
+        "fsa_distill.tasks.vllm_worker",
+        "fsa_distill.llm",
     ),
     retries=2,
     # how requests are made, not what the teacher answers

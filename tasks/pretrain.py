@@ -22,14 +22,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from datasets import Dataset
+from fsa_distill.tasks.stage import stage
+from fsa_distill.tasks.student import NEWLINE_TOKEN
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from fsa_distill.artifacts import Artifact
 from fsa_distill.errors import InputError
 from fsa_distill.models import TRAIN_LOCK, load_seq2seq
-from tasks.stage import stage
-from tasks.student import NEWLINE_TOKEN
 
 OBJECTIVES = ("distill", "span_corruption")
 
@@ -170,7 +170,7 @@ class _DropLength(DataCollatorForSeq2Seq):
         return super().__call__([{k: v for k, v in f.items() if k != "length"} for f in features], return_tensors)
 
 
-@stage("pretrain", code=("tasks.student",), resumable=True, unkeyed={"pretrain": ("save_steps",)})
+@stage("pretrain", code=("fsa_distill.tasks.student",), resumable=True, unkeyed={"pretrain": ("save_steps",)})
 def pretrain(out: Path, *, scratch: Path, student: Artifact, corpus: Artifact, objective: str,
              pretrain: dict[str, Any]) -> None:  # fmt: skip
     """Pretrain `student` with `objective` on the cleaned corpus; write the model and `pretrain_log.json`."""

@@ -11,9 +11,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
+from fsa_distill.tasks.stage import stage
 
 from fsa_distill.artifacts import Artifact
-from tasks.stage import stage
 
 
 def collect(results: list[dict[str, Any]]) -> pd.DataFrame:

@@ -23,10 +23,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from fsa_distill.tasks.stage import stage
 
 from fsa_distill.artifacts import sha256_file
 from fsa_distill.errors import InputError, TransientError
-from tasks.stage import stage
 
 KINDS = ("yelp", "amazon_multidomain", "alexa", "csv", "jsonl", "parquet", "hf")
 REASONS = (

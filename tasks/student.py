@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import torch
+from fsa_distill.tasks.stage import stage
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     PreTrainedTokenizerFast,
@@ -21,7 +22,6 @@ from transformers import (
 
 from fsa_distill.artifacts import Artifact
 from fsa_distill.models import MODEL_LOCK, load_seq2seq
-from tasks.stage import stage
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 #: Newline marker of teacher outputs in pretraining targets (as the paper).

@@ -47,7 +47,7 @@ def shrunk(workdir: Path, *extra: str) -> list[str]:
         "student.num_heads=2",
         "student.num_layers=1",
         "student.num_decoder_layers=1",
-        "benchmark.max_new_tokens=12",
+        "evaluate.max_new_tokens=12",
         *extra,
     ]
 

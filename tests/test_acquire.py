@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from fsa_distill.benchmark import specs
+from fsa_distill.tasks.acquire import acquire, load_split, normalise_record
 
-from benchmark import specs
 from fsa_distill.errors import InputError
-from tasks.acquire import acquire, load_split, normalise_record
 
 SIZES = {
     "atsa/rest14": (2432, 609, 800, 340),
@@ -69,9 +69,9 @@ def test_missing_file_names_the_path(tmp_path, data_source):
 def unchecked(monkeypatch):
     """Files without a known checksum (a user's own mirror) are parsed and validated record by record."""
     monkeypatch.setattr(specs, "SHA256", {})
-    import tasks.acquire
+    import fsa_distill.tasks.acquire
 
-    monkeypatch.setattr(tasks.acquire, "SHA256", {})
+    monkeypatch.setattr(fsa_distill.tasks.acquire, "SHA256", {})
 
 
 def _write(mirror: Path, content: str) -> None:

@@ -14,12 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from fsa_distill.artifacts import Artifact, sha256_file
-from fsa_distill.config import compose_config
-from fsa_distill.errors import InputError
-from tasks.acquire import acquire
-from tasks.clean import (
+from fsa_distill.tasks.acquire import acquire
+from fsa_distill.tasks.clean import (
     CORPUS_SCHEMA,
     DROP_RULES,
     GENERATIONS_SCHEMA,
@@ -33,6 +29,10 @@ from tasks.clean import (
     ngram_hashes,
     parse_analysis,
 )
+
+from fsa_distill.artifacts import Artifact, sha256_file
+from fsa_distill.config import compose_config
+from fsa_distill.errors import InputError
 
 DATASETS = ["atsa/rest14", "atsa/laptop14", "acsa/rest16", "acsa/laptop16"]
 MIXTRAL = Path(os.environ["FSA_DATA_SOURCE"]) / "prompting/test/mixtral/test_500_4m8d.json"

@@ -28,7 +28,7 @@ def test_paper_experiment_holds_the_paper_recipe():
         "linear",
     )
     assert seeds(cfg) == [42, 52, 62, 72, 82, 142, 152, 162, 172, 182]
-    assert cfg["benchmark"]["num_beams"] == 1 and cfg["benchmark"]["max_new_tokens"] == 100
+    assert cfg["evaluate"]["num_beams"] == 1 and cfg["evaluate"]["max_new_tokens"] == 100
 
 
 def test_single_seed_shortcut_for_sweeps():

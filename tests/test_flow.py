@@ -8,11 +8,11 @@ from pathlib import Path
 import mlflow
 import pyarrow.parquet as pq
 import pytest
+from fsa_distill.flows.pipeline import fsa_distill
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from flows.pipeline import fsa_distill
 from tests.conftest import shrunk
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]

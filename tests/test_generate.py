@@ -15,11 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from fsa_distill.artifacts import Artifact, seal, sha256_file
-from fsa_distill.errors import InputError
-from fsa_distill.teachers import SMOLLM2, load_tokenizer, resolve_model
-from tasks.generate import (
+from fsa_distill.tasks.generate import (
     GENERATIONS,
     count_shards,
     generate_shard,
@@ -28,8 +24,12 @@ from tasks.generate import (
     released_params,
     shard_pairs,
 )
-from tasks.teachers import hf
-from tasks.teachers.common import apply_chat_template, sha256_text
+from fsa_distill.tasks.teachers import hf
+from fsa_distill.tasks.teachers.common import apply_chat_template, sha256_text
+
+from fsa_distill.artifacts import Artifact, seal, sha256_file
+from fsa_distill.errors import InputError
+from fsa_distill.llm import SMOLLM2, load_tokenizer, resolve_model
 from tests.conftest import DATA_SOURCE
 
 REVIEWS_ROOT = Path(DATA_SOURCE).parent / "reviews"

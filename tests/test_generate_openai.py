@@ -16,11 +16,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fsa_distill.tasks.generate import generate_shard, read_generations
 
 from fsa_distill.artifacts import canonical_json
 from fsa_distill.errors import InputError, TransientError, is_transient
-from fsa_distill.teachers import SMOLLM2, load_tokenizer, resolve_model
-from tasks.generate import generate_shard, read_generations
+from fsa_distill.llm import SMOLLM2, load_tokenizer, resolve_model
 from tests.servers import background, free_port, wait_http
 from tests.test_generate import PROMPTS, reviews_artifact, teacher, yelp_rows
 from tests.test_generate_vllm import VLLM_PYTHON, needs_vllm

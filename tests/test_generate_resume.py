@@ -10,14 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+from fsa_distill.tasks.generate import count_shards, generate_shard
+from fsa_distill.tasks.teachers import hf
 from prefect import flow
 from prefect_dask import DaskTaskRunner
 
 from fsa_distill import ROOT
 from fsa_distill.artifacts import MANIFEST, Artifact
-from fsa_distill.teachers import SMOLLM2, resolve_model
-from tasks.generate import count_shards, generate_shard
-from tasks.teachers import hf
+from fsa_distill.llm import SMOLLM2, resolve_model
 from tests.test_generate import PROMPTS, all_rows, reviews_artifact, teacher, yelp_rows
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def smollm2() -> str:
 RUN_SHARDS = """
 import json, sys
 from fsa_distill.artifacts import Artifact
-from tasks.generate import generate_shard
+from fsa_distill.tasks.generate import generate_shard
 job = json.load(open(sys.argv[1]))
 reviews = Artifact(**job["reviews"])
 for k in range(job["shards"]):

@@ -9,11 +9,11 @@ import os
 from pathlib import Path
 
 import pytest
+from fsa_distill.tasks.generate import GENERATIONS, generate_shard, read_generations
+from fsa_distill.tasks.teachers.vllm import VllmWorkerError
 
 from fsa_distill import ROOT
-from fsa_distill.teachers import SMOLLM2, load_tokenizer, resolve_model
-from tasks.generate import GENERATIONS, generate_shard, read_generations
-from tasks.teachers.vllm import VllmWorkerError
+from fsa_distill.llm import SMOLLM2, load_tokenizer, resolve_model
 from tests.test_generate import PROMPTS, reviews_artifact, teacher, yelp_rows
 
 

@@ -14,14 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fsa_distill.tasks.acquire import acquire
+from fsa_distill.tasks.evaluate import evaluate, read_metrics
+from fsa_distill.tasks.finetune import finetune
+from fsa_distill.tasks.pretrain import pretrain
+from fsa_distill.tasks.student import init_student
 
 from fsa_distill.artifacts import Artifact, seal
 from fsa_distill.config import compose_config
-from tasks.acquire import acquire
-from tasks.evaluate import evaluate, read_metrics
-from tasks.finetune import finetune
-from tasks.pretrain import pretrain
-from tasks.student import init_student
 from tests.conftest import DATA_SOURCE
 
 pytestmark = [
@@ -69,7 +69,7 @@ def test_finetune_and_generation_on_cuda(setup):
     model = finetune.run(store, params)
     dev = json.loads((Path(model.path) / "dev_metrics.json").read_text())
     assert dev["device"] == "cuda" and dev["bf16"] is True
-    ev = evaluate.run(store, {"model": model, "data": data, "benchmark": cfg["benchmark"]})
+    ev = evaluate.run(store, {"model": model, "data": data, "evaluate": cfg["evaluate"]})
     metrics = read_metrics(ev.path)
     assert set(metrics) == {"normal", "implicit", "mams", "hard"}
     print("cuda finetune dev:", dev, "test:", {k: round(v["f1"], 4) for k, v in metrics.items()})
@@ -83,9 +83,8 @@ def test_teacher_generation_on_cuda(setup, tmp_path):
     """
     import os
 
+    from fsa_distill.tasks.generate import generate_shard
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from tasks.generate import generate_shard
 
     source = os.environ.get("FSA_GPU_TEACHER_CONFIG")
     if not source:

@@ -14,13 +14,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fsa_distill.tasks.acquire import acquire
+from fsa_distill.tasks.pretrain import build_dataset, newline_tokens, pretrain, random_spans_mask, span_corrupt
+from fsa_distill.tasks.student import NEWLINE_TOKEN, init_student
 
 from fsa_distill.artifacts import Artifact, seal
 from fsa_distill.config import compose_config
 from fsa_distill.models import load_seq2seq
-from tasks.acquire import acquire
-from tasks.pretrain import build_dataset, newline_tokens, pretrain, random_spans_mask, span_corrupt
-from tasks.student import NEWLINE_TOKEN, init_student
 from tests.conftest import DATA_SOURCE
 
 TINY = [
@@ -103,7 +103,7 @@ def test_pretrain_trains_and_saves_a_loadable_student(setup, objective):
 
 KILL_SCRIPT = """
 import sys, json
-from tasks.pretrain import pretrain
+from fsa_distill.tasks.pretrain import pretrain
 from fsa_distill.artifacts import Artifact
 params = json.loads(sys.argv[2])
 params["student"] = Artifact(**params["student"]); params["corpus"] = Artifact(**params["corpus"])

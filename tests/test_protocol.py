@@ -5,8 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from benchmark.protocol import (
+from fsa_distill.benchmark.protocol import (
     acsa_target,
     atsa_target,
     in_test_type,

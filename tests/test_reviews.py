@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+from fsa_distill.tasks.reviews import QUARANTINE_SCHEMA, SCHEMA, reviews, source_fingerprints
 
 from fsa_distill.errors import InputError
-from tasks.reviews import QUARANTINE_SCHEMA, SCHEMA, reviews, source_fingerprints
 
 MIRROR = Path(os.environ["FSA_DATA_SOURCE"]).parent / "reviews"
 MIRROR_SOURCES = [

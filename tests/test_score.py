@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from fsa_distill.benchmark.scoring import score_file
+from fsa_distill.tasks.acquire import load_split
 
-from benchmark.scoring import score_file
 from fsa_distill.errors import InputError
-from tasks.acquire import load_split
 
 
 def _write(path, records):

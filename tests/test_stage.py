@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+from fsa_distill.tasks.stage import Stage
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fsa_distill.artifacts import Artifact
 from fsa_distill.errors import InputError
-from tasks.stage import Stage
 
 CALLS: list[str] = []
 

@@ -7,9 +7,9 @@ import shutil
 import sys
 
 import pytest
+from fsa_distill.flows.pipeline import fsa_distill
 from mlflow.tracking import MlflowClient
 
-from flows.pipeline import fsa_distill
 from tests.conftest import shrunk
 from tests.servers import background, free_port, wait_http
 

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from fsa_distill.tasks.teachers.common import Generation, Pair, apply_chat_template, sha256_text
 
-from fsa_distill.teachers import load_causal_lm, resolve_model
-from tasks.teachers.common import Generation, Pair, apply_chat_template, sha256_text
+from fsa_distill.llm import load_causal_lm, resolve_model
 
 _LOADED: dict[str, tuple[Any, Any]] = {}
 _LOADED_LOCK = threading.Lock()

@@ -21,9 +21,9 @@ from collections import Counter
 from typing import Any
 
 import httpx
+from fsa_distill.tasks.teachers.common import Generation, Pair, sha256_text
 
 from fsa_distill.errors import InputError, TransientError
-from tasks.teachers.common import Generation, Pair, sha256_text
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 30.0

@@ -12,10 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fsa_distill.tasks.stage import stage
+from fsa_distill.tasks.teachers.common import Generation, Pair, sha256_text, write_generations, write_stats
+
 from fsa_distill.artifacts import sha256_file
 from fsa_distill.errors import InputError
-from tasks.stage import stage
-from tasks.teachers.common import Generation, Pair, sha256_text, write_generations, write_stats
 
 ANALYSIS_MARKER = "Opinion Target 1:"
 VERSION = "released"
@@ -69,7 +70,7 @@ def read_released(path: Path, field: str, limit: int | None = None) -> list[dict
     return records
 
 
-@stage("released", code=("tasks.teachers.common",), unkeyed={"path": None})
+@stage("released", code=("fsa_distill.tasks.teachers.common",), unkeyed={"path": None})
 def import_released(out: Path, *, path: str, fingerprint: str, teacher: dict[str, Any]) -> None:
     """Write `generations.parquet` and `stats.json` from a released-outputs file."""
     source = Path(path)

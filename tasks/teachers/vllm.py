@@ -14,9 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fsa_distill.tasks.teachers.common import Generation, Pair, apply_chat_template, sha256_text
+
 from fsa_distill.errors import InputError
-from fsa_distill.teachers import load_tokenizer, resolve_model
-from tasks.teachers.common import Generation, Pair, apply_chat_template, sha256_text
+from fsa_distill.llm import load_tokenizer, resolve_model
 
 WORKER = Path(__file__).resolve().parents[1] / "vllm_worker.py"
 LOG_TAIL = 4000

@@ -1,6 +1,6 @@
 """Pretraining throughput: length-grouped batches vs. random batches padded to the batch maximum.
 
-    python -m benchmark.bench_pretrain [--steps N] [--batch-size 16] [--bf16] [student.d_model=768 ...]
+    python -m perf.bench_pretrain [--steps N] [--batch-size 16] [--bf16] [student.d_model=768 ...]
 
 Same model (the embedded default student), same data (review -> teacher text from the paper's
 released Mixtral outputs, the `distill` objective), same examples (one epoch by default). The random
@@ -21,15 +21,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from fsa_distill.tasks.acquire import acquire
+from fsa_distill.tasks.pretrain import _DropLength, build_dataset
+from fsa_distill.tasks.student import init_student
 from torch.utils.data import RandomSampler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from fsa_distill.artifacts import Artifact, seal
 from fsa_distill.config import compose_config
 from fsa_distill.models import load_seq2seq
-from tasks.acquire import acquire
-from tasks.pretrain import _DropLength, build_dataset
-from tasks.student import init_student
 
 
 def mixtral_corpus(source: str, folder: Path) -> Artifact:

@@ -1,6 +1,6 @@
 """Near-duplicate removal at scale: our numpy MinHash LSH (tasks/clean.py) vs datasketch, one run.
 
-    python -m benchmark.bench_clean [--rows 1000000] [--datasketch-rows 200000] [--workdir DIR]
+    python -m perf.bench_clean [--rows 1000000] [--datasketch-rows 200000] [--workdir DIR]
 
 1. Builds a generations-format Parquet corpus of --rows rows from the 500 real Mixtral outputs:
    every base row is a source output with about a quarter of its lower-case words replaced by
@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsa_distill.tasks.clean import GENERATIONS_SCHEMA
 
 from fsa_distill.config import compose_config
-from tasks.clean import GENERATIONS_SCHEMA
 
 DATA_SOURCE = os.environ.get(
     "FSA_DATA_SOURCE", str(Path(__file__).resolve().parents[2] / "shared/data/fsa-distillation")
@@ -65,7 +65,7 @@ def peak_rss_mb() -> float:
 
 
 def shingle_set(text: str, n: int) -> set[str]:
-    """The same shingles as tasks.clean: lower-cased whitespace tokens, punctuation trimmed, word n-grams."""
+    """The same shingles as the clean stage: lower-cased whitespace tokens, punctuation trimmed, word n-grams."""
     words = [w.strip(PUNCTUATION) for w in text.replace("\u00a0", " ").lower().split()]
     words = [w for w in words if w]
     if len(words) < n:
@@ -157,8 +157,7 @@ def build_corpus(path: Path, rows: int, planted: float, seed: int, ngram: int) -
 
 def child_ours(path: Path, limit: int, cfg: dict[str, Any]) -> dict[str, Any]:
     import pyarrow.compute as pc
-
-    from tasks.clean import MinHasher, NearDupIndex, prompt_salt
+    from fsa_distill.tasks.clean import MinHasher, NearDupIndex, prompt_salt
 
     base = rss_mb()
     hasher = MinHasher(cfg["minhash_perm"], cfg["minhash_ngram"])
@@ -218,9 +217,10 @@ def child_datasketch(path: Path, limit: int, cfg: dict[str, Any]) -> dict[str, A
 
 
 def child_clean(path: Path, limit: int, cfg: dict[str, Any], bench_store: Path) -> dict[str, Any]:
+    from fsa_distill.tasks.acquire import acquire
+    from fsa_distill.tasks.clean import clean
+
     from fsa_distill.artifacts import Artifact
-    from tasks.acquire import acquire
-    from tasks.clean import clean
 
     benchmark = [acquire.run(bench_store, {"dataset": d, "source": DATA_SOURCE}) for d in DATASETS]
     base = rss_mb()
@@ -235,7 +235,7 @@ def child_clean(path: Path, limit: int, cfg: dict[str, Any], bench_store: Path) 
 
 def run_child(kind: str, path: Path, limit: int, workdir: Path) -> dict[str, Any]:
     result = workdir / f"{kind}-{limit}.json"
-    cmd = [sys.executable, "-m", "benchmark.bench_clean", "--child", kind, "--input", str(path)]
+    cmd = [sys.executable, "-m", "perf.bench_clean", "--child", kind, "--input", str(path)]
     cmd += ["--limit", str(limit), "--result", str(result), "--workdir", str(workdir)]
     subprocess.run(cmd, check=True)
     return json.loads(result.read_text())

@@ -1,6 +1,6 @@
 """Teacher generation throughput: every available backend on the same reviews and prompts, one run.
 
-    python -m benchmark.bench_generate [--reviews 8] [--max-new-tokens 64] [--batch-size 8]
+    python -m perf.bench_generate [--reviews 8] [--max-new-tokens 64] [--batch-size 8]
                                        [--vllm-python PATH] [--backends baseline,transformers,vllm,openai]
 
 The teacher is the embedded SmolLM2-135M-Instruct; the reviews are the first real Yelp reviews of
@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fsa_distill.tasks.teachers import hf, openai_compat, vllm
+from fsa_distill.tasks.teachers.common import Pair, apply_chat_template, render
 
 from fsa_distill import ROOT
 from fsa_distill.config import compose_config
-from fsa_distill.teachers import SMOLLM2, resolve_model
-from tasks.teachers import hf, openai_compat, vllm
-from tasks.teachers.common import Pair, apply_chat_template, render
+from fsa_distill.llm import SMOLLM2, resolve_model
 
 
 def yelp_reviews(n: int, max_chars: int) -> list[tuple[str, str]]:

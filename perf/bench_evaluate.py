@@ -1,6 +1,6 @@
 """Evaluation throughput: length-sorted batches vs. unsorted batches of 64, same model, one run.
 
-    python -m benchmark.bench_evaluate [--model FOLDER] [--dataset atsa/rest14] [--repeats 2]
+    python -m perf.bench_evaluate [--model FOLDER] [--dataset atsa/rest14] [--repeats 2]
 
 Without --model, a student of the embedded default size is built (random weights, trained
 tokenizer); random weights generate until max_new_tokens, which is the worst case for padding.
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
+from fsa_distill.tasks.acquire import acquire
+from fsa_distill.tasks.evaluate import generate, load_model
+from fsa_distill.tasks.student import init_student
 
 from fsa_distill.config import compose_config
-from tasks.acquire import acquire
-from tasks.evaluate import generate, load_model
-from tasks.student import init_student
 
 
 def main() -> None:
