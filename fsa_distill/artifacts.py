@@ -2,6 +2,15 @@
 
 Stages exchange `Artifact`s (a path plus the sha256 of its content), never in-memory objects,
 so that Prefect can cache on content and a deleted or edited output is noticed.
+
+An output folder holds *content* (what later stages read: Parquet, model weights, counts) and,
+under `measured/`, *measurements* (wall times, latencies, tokens/s). The manifest records and
+verifies both, but only content enters the folder's content hash: the same inputs, config and code
+give the same hash however fast the machine was, so a rerun never re-keys what follows it.
+
+Artifacts produced by stages are addressed relative to their store (`rel`, e.g.
+`generate/<key>`): `at(store)` gives the path in this process, so a workdir can be moved or
+copied and everything cached in it still resolves there.
 """
 
 from __future__ import annotations
@@ -19,20 +28,44 @@ from typing import Any
 from pydantic import BaseModel
 
 MANIFEST = "_manifest.json"
+#: Sub-folder of an output for measurements (timings): verified, but outside the content hash.
+MEASURED = "measured"
 _CHUNK = 1 << 20
 
 
 class Artifact(BaseModel):
-    """A stage output: a file or folder on disk and the hash of its content."""
+    """A stage output: a file or folder on disk and the hash of its content.
+
+    `rel` is the path inside the artifact store for stage outputs ("" for files given from
+    outside); `path` is where it is in the process that last bound it (`at`).
+    """
 
     path: str
     sha256: str
     stage: str = ""
+    rel: str = ""
 
     @property
     def p(self) -> Path:
         """The artifact's path as a Path."""
         return Path(self.path)
+
+    def at(self, store: str | os.PathLike[str]) -> Artifact:
+        """This artifact as found in `store` (unchanged when it is not a stage output)."""
+        if not self.rel:
+            return self
+        return self.model_copy(update={"path": str(Path(store) / self.rel)})
+
+
+def bind(value: Any, store: str | os.PathLike[str]) -> Any:
+    """`value` with every Artifact inside (dicts, lists, tuples) bound to `store`."""
+    if isinstance(value, Artifact):
+        return value.at(store)
+    if isinstance(value, dict):
+        return {k: bind(v, store) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(bind(v, store) for v in value)
+    return value
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -53,16 +86,23 @@ def file_hashes(folder: Path) -> dict[str, str]:
     }
 
 
+def _split(files: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(content files, measurement files under `measured/`)."""
+    measured = {k: v for k, v in files.items() if k.startswith(MEASURED + "/")}
+    return {k: v for k, v in files.items() if k not in measured}, measured
+
+
 def tree_hash(files: dict[str, str]) -> str:
     """One hash for a folder from its per-file hashes (names included)."""
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def seal(folder: Path) -> str:
-    """Write the manifest of a finished output folder and return its content hash."""
-    files = file_hashes(folder)
+    """Write the manifest of a finished output folder and return its content hash (measurements excluded)."""
+    files, measured = _split(file_hashes(folder))
     digest = tree_hash(files)
-    write_text_atomic(folder / MANIFEST, json.dumps({"sha256": digest, "files": files}, indent=1))
+    manifest = {"sha256": digest, "files": files, "measured": measured}
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
     return digest
 
 
@@ -75,26 +115,29 @@ def verify(folder: Path) -> str | None:
         recorded = json.loads(manifest.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if file_hashes(folder) != recorded.get("files"):
+    if _split(file_hashes(folder)) != (recorded.get("files"), recorded.get("measured", {})):
         return None
     return recorded.get("sha256")
 
 
 def fingerprint(model: str) -> str:
-    """Content hash of a local model folder, else the name itself (a hub id or a built-in name).
+    """Content hash of a local model folder or file, else the name itself (a hub id or a built-in name).
 
-    A cache key that held only the path would miss weights replaced in place.
+    A key that held the path would miss weights replaced in place and re-key a moved folder; the
+    content hash does neither, so keys take the fingerprint *instead of* the path.
     """
     path = Path(model).expanduser()
-    return tree_hash(file_hashes(path)) if path.is_dir() else model
+    if path.is_dir():
+        return "sha256:" + tree_hash(file_hashes(path))
+    if path.is_file():
+        return "sha256:" + sha256_file(path)
+    return model
 
 
 def canonical_json(value: Any) -> str:
     """Stable JSON for hashing: sorted keys, Artifacts reduced to their content hash."""
 
     def default(obj: Any) -> Any:
-        if isinstance(obj, Artifact):
-            return {"artifact_sha256": obj.sha256}
         if isinstance(obj, os.PathLike):
             return os.fspath(obj)
         if isinstance(obj, BaseModel):

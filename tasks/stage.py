@@ -4,8 +4,10 @@ A stage function has the signature `fn(out: Path, **params) -> None`: it writes 
 `out`, a fresh folder that replaces the final one only when the function returns (atomic), and
 it never calls Prefect or MLflow. Its cache key is the hash of
 
-* the stage name and its code version (the source of its module and of the modules it names),
-* its parameters: config sections, plain values and the *content hash* of input artifacts.
+* the stage name and its code version (the normalised code of its module and of every project
+  module it imports, transitively: `fsa_distill.codehash`),
+* its parameters, built by the stage module's own `params(cfg, **inputs)`: config values, and
+  input artifacts by *content hash* (never by path), minus the stage's `unkeyed` paths.
 
 The output lives at `<store>/<stage>/<key>`, sealed with a manifest of per-file hashes. Before a
 stage is submitted, `Stage.submit` checks that manifest; a deleted or edited output makes Prefect
@@ -14,16 +16,16 @@ refresh its cache entry instead of returning a result that points at missing or 
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import importlib
-import inspect
 import shutil
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fsa_distill.artifacts import Artifact, atomic_dir, canonical_json, seal, verify
+from fsa_distill.artifacts import Artifact, atomic_dir, bind, canonical_json, seal, verify
+from fsa_distill.codehash import closure, code_version
 from fsa_distill.errors import is_transient
 
 if TYPE_CHECKING:  # Prefect is imported only where tasks are built, so `Stage.run` works without it
@@ -44,63 +46,101 @@ def _retry_transient(task: Task, task_run: Any, state: Any) -> bool:
 
 
 class Stage:
-    """A named, cached, idempotent unit of work from artifacts to one output folder."""
+    """A named, cached, idempotent unit of work from artifacts to one output folder.
+
+    The stage owns its key: `params(cfg, **inputs)` (registered with `@<stage>.configure` in the
+    stage's module) is the only code that reads the config for it; `unkeyed` lists dotted paths
+    into those params that change how it runs but not what it writes; the code version is the
+    stage module's import closure (`fsa_distill.codehash`).
+    """
 
     def __init__(
         self,
         name: str,
         fn: StageFn,
         *,
-        code: Sequence[str] = (),
         retries: int = 0,
         resumable: bool = False,
-        unkeyed: dict[str, tuple[str, ...] | None] | None = None,
+        unkeyed: Sequence[str] = (),
     ) -> None:
         self.name = name
-        # Parameters (None) or keys of dict parameters (a tuple) that change how a stage runs but not
-        # what it produces (timeouts, checkpoint cadence, an interpreter path, where a mirror lives):
-        # they stay out of the cache key, so changing them recomputes nothing.
-        self.unkeyed = unkeyed or {}
         self.fn = fn
-        self.code_modules = (fn.__module__, *code)
+        # Dotted paths into the params (`teacher.timeout_s`, `path`) that change how a stage runs but
+        # not what it produces: they stay out of the key. Each must resolve (a typo would re-key silently).
+        self.unkeyed = tuple(unkeyed)
+        self.module = fn.__module__
         self.retries = retries
         self.resumable = resumable
+        self._params: Callable[..., dict[str, Any]] | None = None
 
-    @cached_property
+    def configure(self, fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        """Register the function from (config, input artifacts) to this stage's parameters."""
+        self._params = fn
+        return fn
+
+    def params(self, cfg: dict[str, Any], **inputs: Any) -> dict[str, Any]:
+        """This stage's parameters for the resolved config `cfg` and its input artifacts."""
+        if self._params is None:
+            raise TypeError(f"stage {self.name}: no params function registered (@{self.name}.configure)")
+        return self._params(cfg, **inputs)
+
+    @property
+    def code_closure(self) -> dict[str, str]:
+        """module -> digest of every project module the stage's code depends on."""
+        return closure([self.module])
+
+    @property
     def code_version(self) -> str:
-        """Hash of the source of the stage's module and the modules whose logic it depends on."""
-        digest = hashlib.sha256()
-        for module_name in self.code_modules:
-            digest.update(inspect.getsource(importlib.import_module(module_name)).encode())
-        return digest.hexdigest()[:16]
+        """One digest of the stage's code closure (docstrings and comments excluded)."""
+        return code_version([self.module])
+
+    def keyed(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The params with the unkeyed paths removed; a path that does not resolve raises."""
+        keyed = copy.deepcopy(params)
+        for path in self.unkeyed:
+            *parents, leaf = path.split(".")
+            node: Any = keyed
+            for part in parents:
+                if not isinstance(node, dict) or part not in node:
+                    raise KeyError(f"stage {self.name}: unkeyed path {path!r} is not in its params")
+                node = node[part]
+            if not isinstance(node, dict) or leaf not in node:
+                raise KeyError(f"stage {self.name}: unkeyed path {path!r} is not in its params")
+            del node[leaf]
+        return keyed
 
     def key(self, params: dict[str, Any]) -> str:
         """Cache key: stage, code version and parameters (input artifacts by content hash)."""
-        keyed = {}
-        for name, value in params.items():
-            if name in self.unkeyed and self.unkeyed[name] is None:
-                continue
-            drop = self.unkeyed.get(name) or ()
-            keyed[name] = {k: v for k, v in value.items() if k not in drop} if drop else value
-        payload = canonical_json({"stage": self.name, "code": self.code_version, "params": keyed})
+        payload = canonical_json({"stage": self.name, "code": self.code_version, "params": self.keyed(params)})
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
     def output_dir(self, store: str | Path, params: dict[str, Any]) -> Path:
         """Where this stage's output for `params` lives."""
         return Path(store) / self.name / self.key(params)
 
+    def _artifact(self, store: str | Path, key: str, digest: str) -> Artifact:
+        return Artifact(
+            path=str(Path(store) / self.name / key), sha256=digest, stage=self.name, rel=f"{self.name}/{key}"
+        )
+
     def cached(self, store: str | Path, params: dict[str, Any]) -> Artifact | None:
         """The existing output for `params` if it is complete and unmodified, else None."""
-        out = self.output_dir(store, params)
-        digest = verify(out)
-        return Artifact(path=str(out), sha256=digest, stage=self.name) if digest else None
+        key = self.key(params)
+        digest = verify(Path(store) / self.name / key)
+        return self._artifact(store, key, digest) if digest else None
 
     def run(self, store: str | Path, params: dict[str, Any]) -> Artifact:
-        """Produce (or reuse) the output for `params`, without Prefect: the plain function path."""
+        """Produce (or reuse) the output for `params`, without Prefect: the plain function path.
+
+        Input artifacts are bound to `store` first, so outputs cached in a moved or copied store
+        are read from where the store is now.
+        """
+        params = bind(params, store)
         existing = self.cached(store, params)
         if existing is not None:
             return existing
-        out = self.output_dir(store, params)
+        key = self.key(params)
+        out = Path(store) / self.name / key
         kwargs = dict(params)
         if self.resumable:
             scratch = out.with_name(out.name + ".scratch")
@@ -114,7 +154,7 @@ class Stage:
         digest = verify(out)
         if digest is None:  # pragma: no cover - would mean the filesystem lost our rename
             raise RuntimeError(f"stage {self.name}: output {out} failed verification after writing")
-        return Artifact(path=str(out), sha256=digest, stage=self.name)
+        return self._artifact(store, key, digest)
 
     @cached_property
     def task(self) -> Task:
@@ -146,18 +186,23 @@ class Stage:
         task = self.task.with_options(refresh_cache=stale, task_run_name=run_name)
         return runner.submit(task, {"store": str(store), "params": params})
 
+    def submit_for(
+        self, runner: TaskRunner, store: str | Path, cfg: dict[str, Any], label: str = "", **inputs: Any
+    ) -> PrefectFuture:
+        """`submit` with the params this stage derives from `cfg` and its inputs: what flows call."""
+        return self.submit(runner, store, self.params(cfg, **inputs), label=label)
+
 
 def stage(
     name: str,
     *,
-    code: Sequence[str] = (),
     retries: int = 0,
     resumable: bool = False,
-    unkeyed: dict[str, tuple[str, ...] | None] | None = None,
+    unkeyed: Sequence[str] = (),
 ) -> Callable[[StageFn], Stage]:
     """Decorator form of `Stage`."""
 
     def wrap(fn: StageFn) -> Stage:
-        return Stage(name, fn, code=code, retries=retries, resumable=resumable, unkeyed=unkeyed)
+        return Stage(name, fn, retries=retries, resumable=resumable, unkeyed=unkeyed)
 
     return wrap
