@@ -7,6 +7,7 @@ meta tensor"). One lock around model construction avoids that; loading is short 
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,3 +27,54 @@ def load_seq2seq(folder: str | Path, **kwargs: Any) -> tuple[PreTrainedModel, Pr
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForSeq2SeqLM.from_pretrained(folder, **kwargs)
     return model, tokenizer
+
+
+def _is_timing(key: str) -> bool:
+    return key.endswith(("_runtime", "_per_second")) or key in ("resumed_from", "train_runtime_s")
+
+
+def write_log(out: Path, name: str, log: Any) -> None:
+    """Write a training log as content (`out/name`) and its timings as measurements (`out/measured/name`).
+
+    Runtimes and throughputs differ on every run; keeping them out of the content hash means the
+    same data, recipe and code give the same model artifact hash, so nothing after it re-keys.
+    """
+
+    def split(value: Any) -> tuple[Any, Any]:
+        if isinstance(value, dict):
+            content, measured = {}, {}
+            for key, sub in value.items():
+                if _is_timing(key):
+                    measured[key] = sub
+                else:
+                    content[key], inner = split(sub)
+                    if inner not in (None, {}, []):
+                        measured[key] = inner
+            if measured and isinstance(value.get("step"), int):
+                measured["step"] = value["step"]
+            return content, measured
+        if isinstance(value, list):
+            pairs = [split(v) for v in value]
+            return [c for c, _ in pairs], [m for _, m in pairs]
+        return value, None
+
+    content, measured = split(log)
+    (out / name).write_text(json.dumps(content, indent=1))
+    (out / "measured").mkdir(exist_ok=True)
+    (out / "measured" / name).write_text(json.dumps(measured, indent=1))
+
+
+def read_log(folder: str | Path, name: str) -> Any:
+    """A training log with its measurements merged back (for tracking and reports)."""
+
+    def merge(content: Any, measured: Any) -> Any:
+        if isinstance(content, dict) and isinstance(measured, dict):
+            return {**content, **{k: merge(content.get(k), v) for k, v in measured.items()}}
+        if isinstance(content, list) and isinstance(measured, list):
+            return [merge(c, m) for c, m in zip(content, measured, strict=False)]
+        return content if measured is None else measured
+
+    folder = Path(folder)
+    content = json.loads((folder / name).read_text())
+    path = folder / "measured" / name
+    return merge(content, json.loads(path.read_text())) if path.is_file() else content

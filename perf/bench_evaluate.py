@@ -10,7 +10,6 @@ Prints sentences/s for both orders and the ratio sorted/unsorted.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -35,10 +34,8 @@ def main() -> None:
 
     cfg = compose_config([])
     store = Path(tempfile.mkdtemp(prefix="bench-eval-"))
-    data = acquire.run(
-        store, {"dataset": args.dataset, "source": os.environ.get("FSA_DATA_SOURCE", cfg["data"]["source"])}
-    )
-    folder = args.model or init_student.run(store, {"student": cfg["student"], "datasets": [data]}).path
+    data = acquire.run(store, acquire.params(cfg, dataset=args.dataset))
+    folder = args.model or init_student.run(store, init_student.params(cfg, datasets=[data])).path
     model, tokenizer = load_model(folder)
     texts = pq.read_table(Path(data.path) / "test.parquet").column("sentence").to_pylist()
     texts += pq.read_table(Path(data.path) / "hard_test.parquet").column("sentence").to_pylist()

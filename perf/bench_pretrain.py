@@ -59,8 +59,8 @@ def main() -> None:
     source = os.environ.get("FSA_DATA_SOURCE", cfg["data"]["source"])
     store = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
     corpus = mixtral_corpus(source, store / "corpus")
-    data = acquire.run(store, {"dataset": "atsa/rest14", "source": source})
-    student = init_student.run(store, {"student": cfg["student"], "datasets": [data]})
+    data = acquire.run(store, acquire.params(cfg, dataset="atsa/rest14"))
+    student = init_student.run(store, init_student.params(cfg, datasets=[data]))
     _, tokenizer = load_seq2seq(student.path)
     dataset = build_dataset("distill", Path(corpus.path) / "corpus.parquet", tokenizer, cfg["pretrain"])
     lengths = dataset["length"]

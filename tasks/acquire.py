@@ -154,13 +154,16 @@ def load_split(source: str, dataset: str, split: str, timeout_s: float = 60.0) -
     return rows
 
 
-@stage(
-    "acquire",
-    code=("fsa_distill.benchmark.protocol", "fsa_distill.benchmark.specs"),
-    retries=3,
-    unkeyed={"timeout_s": None},
-)
-def acquire(out: Path, *, dataset: str, source: str, limit: int | None = None, timeout_s: float = 60.0) -> None:
+@stage("acquire", retries=3, unkeyed=("timeout_s", "source"))
+def acquire(
+    out: Path,
+    *,
+    dataset: str,
+    source: str,
+    checksums: dict[str, str | None],
+    limit: int | None = None,
+    timeout_s: float = 60.0,
+) -> None:
     """Write `<split>.parquet` for the four splits of `dataset`, plus `meta.json` (task, counts)."""
     counts = {}
     for split in SPLITS:
@@ -172,6 +175,24 @@ def acquire(out: Path, *, dataset: str, source: str, limit: int | None = None, t
     spec = get_spec(dataset)
     meta = {"dataset": dataset, "task": spec.task, "slug": spec.slug, "counts": counts}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+@acquire.configure
+def params(cfg: dict[str, Any], *, dataset: str) -> dict[str, Any]:
+    """The dataset, its pinned checksums and the row limit make the key; where the files are read
+    from (`source`) does not when every file is pinned: verified content is the same from any mirror.
+    """
+    spec = get_spec(dataset)
+    checksums = {spec.path(split): SHA256.get(spec.path(split)) for split in SPLITS}
+    data = cfg["data"]
+    keyed_source = any(v is None for v in checksums.values())
+    return {
+        "dataset": dataset,
+        "source": data["source"],
+        "checksums": {**checksums, **({"source": data["source"]} if keyed_source else {})},
+        "limit": data["limit"],
+        "timeout_s": data["timeout_s"],
+    }
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:

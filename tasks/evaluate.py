@@ -82,9 +82,14 @@ def load_model(folder: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizer
     return model.to(device()).eval(), tokenizer
 
 
-@stage("evaluate", code=("fsa_distill.benchmark.protocol",))
-def evaluate(out: Path, *, model: Artifact, data: Artifact, evaluate: dict[str, Any]) -> None:
-    """Write `predictions.parquet` (test + hard_test) and `metrics.json` ({test_type: P/R/F1})."""
+@stage("evaluate")
+def evaluate(
+    out: Path, *, model: Artifact, data: Artifact, evaluate: dict[str, Any], max_source_length: int = 512
+) -> None:
+    """Write `predictions.parquet` (test + hard_test) and `metrics.json` ({test_type: P/R/F1}).
+
+    Inputs are truncated at `max_source_length`, the length the model was fine-tuned and selected on.
+    """
     task = read_meta(data.path)["task"]
     rows = (
         pq.read_table(Path(data.path) / "test.parquet").to_pylist()
@@ -99,6 +104,7 @@ def evaluate(out: Path, *, model: Artifact, data: Artifact, evaluate: dict[str, 
         max_new_tokens=evaluate["max_new_tokens"],
         num_beams=evaluate["num_beams"],
         sort_by_length=evaluate["sort_by_length"],
+        max_source_length=max_source_length,
     )
     records = []
     for row, prediction in zip(rows, predictions, strict=True):
@@ -118,6 +124,17 @@ def evaluate(out: Path, *, model: Artifact, data: Artifact, evaluate: dict[str, 
     pq.write_table(pa.Table.from_pylist(records, schema=PREDICTIONS), out / "predictions.parquet")
     metrics = score_rows(task, records, evaluate["test_types"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+
+@evaluate.configure
+def params(cfg: dict[str, Any], *, model: Artifact, data: Artifact) -> dict[str, Any]:
+    """Decoding settings, and the input length of fine-tuning, so test inputs match dev selection."""
+    return {
+        "model": model,
+        "data": data,
+        "evaluate": cfg["evaluate"],
+        "max_source_length": cfg["finetune"]["max_source_length"],
+    }
 
 
 def read_metrics(folder: str | Path) -> dict[str, dict[str, float]]:

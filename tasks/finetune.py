@@ -7,7 +7,6 @@ last one; labels are padded with -100 so padding never enters the loss.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from fsa_distill.artifacts import Artifact
-from fsa_distill.models import TRAIN_LOCK, load_seq2seq
+from fsa_distill.models import TRAIN_LOCK, load_seq2seq, write_log
 
 
 def _tokenize(tokenizer: Any, rows: list[dict[str, Any]], ft: dict[str, Any]) -> Dataset:
@@ -56,7 +55,7 @@ def dev_f1_metric(task: str, tokenizer: Any, dev_rows: list[dict[str, Any]]) -> 
     return compute
 
 
-@stage("finetune", code=("fsa_distill.benchmark.protocol",), resumable=True)
+@stage("finetune", resumable=True)
 def finetune(
     out: Path,
     *,
@@ -131,21 +130,28 @@ def _train(out: Path, scratch: Path, model: Any, tokenizer: Any, ft: dict[str, A
     history = trainer.state.log_history
     evals = [h for h in history if "eval_f1" in h]
     best = max(evals, key=lambda h: h["eval_f1"]) if evals else {}
-    (out / "train_log.json").write_text(json.dumps(history, indent=1))
-    (out / "dev_metrics.json").write_text(
-        json.dumps(
-            {
-                "f1": best.get("eval_f1"),
-                "precision": best.get("eval_precision"),
-                "recall": best.get("eval_recall"),
-                "best_epoch": best.get("epoch"),
-                "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name,
-                "resumed_from": Path(resume).name if resume else None,
-                "device": trainer.args.device.type,
-                "bf16": bool(trainer.args.bf16),
-            },
-            indent=1,
-        )
+    write_log(out, "train_log.json", history)
+    write_log(
+        out,
+        "dev_metrics.json",
+        {
+            "f1": best.get("eval_f1"),
+            "precision": best.get("eval_precision"),
+            "recall": best.get("eval_recall"),
+            "best_epoch": best.get("epoch"),
+            "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name,
+            "resumed_from": Path(resume).name if resume else None,
+            "device": trainer.args.device.type,
+            "bf16": bool(trainer.args.bf16),
+        },
     )
     for name in ("training_args.bin",):
         (out / name).unlink(missing_ok=True)
+
+
+@finetune.configure
+def params(cfg: dict[str, Any], *, data: Artifact, student: Artifact, seed: int) -> dict[str, Any]:
+    """The recipe without the seed list (one run per seed) and the decoding used for dev selection."""
+    recipe = {k: v for k, v in cfg["finetune"].items() if k not in ("seeds", "seed")}
+    generation = {k: cfg["evaluate"][k] for k in ("max_new_tokens", "num_beams")}
+    return {"data": data, "student": student, "seed": seed, "finetune": recipe, "generation": generation}

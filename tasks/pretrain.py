@@ -14,7 +14,6 @@ so a killed run resumes from the last one.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from fsa_distill.artifacts import Artifact
 from fsa_distill.errors import InputError
-from fsa_distill.models import TRAIN_LOCK, load_seq2seq
+from fsa_distill.models import TRAIN_LOCK, load_seq2seq, write_log
 
 OBJECTIVES = ("distill", "span_corruption")
 
@@ -170,7 +169,7 @@ class _DropLength(DataCollatorForSeq2Seq):
         return super().__call__([{k: v for k, v in f.items() if k != "length"} for f in features], return_tensors)
 
 
-@stage("pretrain", code=("fsa_distill.tasks.student",), resumable=True, unkeyed={"pretrain": ("save_steps",)})
+@stage("pretrain", resumable=True, unkeyed=("pretrain.save_steps",))
 def pretrain(out: Path, *, scratch: Path, student: Artifact, corpus: Artifact, objective: str,
              pretrain: dict[str, Any]) -> None:  # fmt: skip
     """Pretrain `student` with `objective` on the cleaned corpus; write the model and `pretrain_log.json`."""
@@ -201,4 +200,17 @@ def pretrain(out: Path, *, scratch: Path, student: Artifact, corpus: Artifact, o
         "bf16": bool(trainer.args.bf16),
         "train_runtime_s": trainer.state.log_history[-1].get("train_runtime") if trainer.state.log_history else None,
     }
-    (out / "pretrain_log.json").write_text(json.dumps({"stats": stats, "history": trainer.state.log_history}, indent=1))
+    write_log(out, "pretrain_log.json", {"stats": stats, "history": trainer.state.log_history})
+
+
+#: Settings that only one objective reads: the other arm's key leaves them out.
+OBJECTIVE_ONLY = {"span_corruption": ("noise_density", "mean_span_length")}
+
+
+@pretrain.configure
+def params(cfg: dict[str, Any], *, student: Artifact, corpus: Artifact, objective: str) -> dict[str, Any]:
+    """One arm's recipe: the list of objectives and the other arms' settings are not part of it,
+    so adding or dropping an arm, or tuning span corruption, never retrains the distill arm."""
+    foreign = {k for other, keys in OBJECTIVE_ONLY.items() if other != objective for k in keys}
+    recipe = {k: v for k, v in cfg["pretrain"].items() if k != "objectives" and k not in foreign}
+    return {"student": student, "corpus": corpus, "objective": objective, "pretrain": recipe}

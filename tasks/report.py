@@ -125,3 +125,9 @@ def report(out: Path, *, results: list[dict[str, Any]], corpus: Artifact | None 
         text += "\n## Distillation corpus\n\n" + corpus_markdown(stats)
     (out / "summary.md").write_text(text)
     chart(summary, out / "f1.png")
+
+
+@report.configure
+def params(cfg: dict[str, Any], *, results: list[dict[str, Any]], corpus: Artifact | None = None) -> dict[str, Any]:
+    """The evaluations to summarise (by content) and the corpus whose statistics the report shows."""
+    return {"results": results, "corpus": corpus}

@@ -375,7 +375,7 @@ def sample_key(seed: int, review_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}\0{review_id}".encode(), digest_size=8).digest(), "big")
 
 
-@stage("reviews", retries=2, unkeyed={"reviews": ("root",)})
+@stage("reviews", retries=2, unkeyed=("reviews.root",))
 def reviews(out: Path, *, reviews: dict[str, Any], fingerprints: dict[str, str]) -> None:
     """Write `reviews.parquet`, `quarantine.parquet` and `stats.json` for the configured sources.
 
@@ -499,6 +499,12 @@ def reviews(out: Path, *, reviews: dict[str, Any], fingerprints: dict[str, str])
     pq.write_table(table, out / "reviews.parquet")
     pq.write_table(pa.Table.from_pydict(quarantine, schema=QUARANTINE_SCHEMA), out / "quarantine.parquet")
     (out / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=False))
+
+
+@reviews.configure
+def params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The sources' settings and the content hash of every input file; not where the mirror lives."""
+    return {"reviews": cfg["reviews"], "fingerprints": source_fingerprints(cfg["reviews"])}
 
 
 def read_reviews(folder: str | Path) -> pa.Table:

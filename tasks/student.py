@@ -20,7 +20,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from fsa_distill.artifacts import Artifact
+from fsa_distill.artifacts import Artifact, fingerprint
 from fsa_distill.models import MODEL_LOCK, load_seq2seq
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
@@ -83,11 +83,12 @@ def build_t5(student: dict[str, Any], tokenizer: PreTrainedTokenizerFast) -> T5F
     return T5ForConditionalGeneration(config)
 
 
-@stage("student")
+@stage("student", unkeyed=("student.name", "student.pretrained"))
 def init_student(out: Path, *, student: dict[str, Any], datasets: list[Artifact], fingerprint: str = "") -> None:
     """Save the initial student (model + tokenizer) into `out`.
 
-    `fingerprint` is the content hash of a local `student.pretrained` folder: it only feeds the key.
+    `fingerprint` is the content hash of a local `student.pretrained` folder (or the hub id): it
+    stands in the key for the path, so moving the folder re-keys nothing.
     """
     if student.get("pretrained"):
         model, tokenizer = load_seq2seq(student["pretrained"])
@@ -97,3 +98,16 @@ def init_student(out: Path, *, student: dict[str, Any], datasets: list[Artifact]
             model = build_t5(student, tokenizer)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+@init_student.configure
+def params(cfg: dict[str, Any], *, datasets: list[Artifact]) -> dict[str, Any]:
+    """A checkpoint is keyed by its content; a built T5 by its config and the text its tokenizer learns."""
+    student = cfg["student"]
+    if student["pretrained"]:
+        return {
+            "student": {"name": student["name"], "pretrained": student["pretrained"]},
+            "datasets": [],
+            "fingerprint": fingerprint(student["pretrained"]),
+        }
+    return {"student": student, "datasets": list(datasets), "fingerprint": ""}

@@ -13,6 +13,12 @@ from fsa_distill.tasks.acquire import acquire, load_split, normalise_record
 
 from fsa_distill.errors import InputError
 
+
+def _cfg(source: str, limit: int | None = None) -> dict:
+    """The config section that acquire.params reads."""
+    return {"data": {"source": source, "limit": limit, "timeout_s": 60.0}}
+
+
 SIZES = {
     "atsa/rest14": (2432, 609, 800, 340),
     "atsa/laptop14": (2436, 609, 800, 237),
@@ -23,7 +29,7 @@ SIZES = {
 
 @pytest.mark.parametrize("dataset", list(SIZES))
 def test_local_mirror_keeps_every_sentence(tmp_path, data_source, dataset):
-    art = acquire.run(tmp_path, {"dataset": dataset, "source": data_source})
+    art = acquire.run(tmp_path, acquire.params(_cfg(data_source), dataset=dataset))
     for split, size in zip(specs.SPLITS, SIZES[dataset], strict=True):
         table = pq.read_table(Path(art.path) / f"{split}.parquet")
         assert table.num_rows == size
@@ -34,7 +40,7 @@ def test_local_mirror_keeps_every_sentence(tmp_path, data_source, dataset):
 
 
 def test_normalised_targets_use_numeric_offsets(tmp_path, data_source):
-    art = acquire.run(tmp_path, {"dataset": "atsa/rest14", "source": data_source})
+    art = acquire.run(tmp_path, acquire.params(_cfg(data_source), dataset="atsa/rest14"))
     rows = pq.read_table(Path(art.path) / "test.parquet").to_pylist()
     row = next(r for r in rows if r["ID"] == "32897564#894393#2")
     assert row["target"] == "bread | positive"
@@ -53,7 +59,7 @@ def test_corrupted_copy_fails_with_checksum_error_and_writes_nothing(tmp_path, d
     target.write_bytes(target.read_bytes().replace(b"positive", b"negative", 1))
     store = tmp_path / "store"
     with pytest.raises(InputError, match=r"dev\.json: sha256 mismatch"):
-        acquire.run(store, {"dataset": "atsa/rest14", "source": str(mirror)})
+        acquire.run(store, acquire.params(_cfg(str(mirror)), dataset="atsa/rest14"))
     leftovers = [p for p in (store / "acquire").rglob("*") if p.suffix == ".parquet"]
     assert leftovers == []
 
@@ -62,7 +68,7 @@ def test_missing_file_names_the_path(tmp_path, data_source):
     mirror = _mirror(tmp_path, data_source)
     (mirror / "fsa_datasets/w_hard/acsa/rest16/hard_test.json").unlink()
     with pytest.raises(InputError, match=r"rest16/hard_test\.json: file not found"):
-        acquire.run(tmp_path / "store", {"dataset": "acsa/rest16", "source": str(mirror)})
+        acquire.run(tmp_path / "store", acquire.params(_cfg(str(mirror)), dataset="acsa/rest16"))
 
 
 @pytest.fixture

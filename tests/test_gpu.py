@@ -22,6 +22,7 @@ from fsa_distill.tasks.student import init_student
 
 from fsa_distill.artifacts import Artifact, seal
 from fsa_distill.config import compose_config
+from fsa_distill.models import read_log
 from tests.conftest import DATA_SOURCE
 
 pytestmark = [
@@ -37,8 +38,8 @@ SMALL = ["student.d_model=256", "student.d_ff=1024", "student.num_layers=4", "st
 def setup(tmp_path_factory):
     store = tmp_path_factory.mktemp("gpu")
     cfg = compose_config(SMALL)
-    data = acquire.run(store, {"dataset": "atsa/rest14", "source": DATA_SOURCE})
-    student = init_student.run(store, {"student": cfg["student"], "datasets": [data]})
+    data = acquire.run(store, acquire.params(cfg, dataset="atsa/rest14"))
+    student = init_student.run(store, init_student.params(cfg, datasets=[data]))
     lines = (Path(DATA_SOURCE) / "prompting/test/mixtral/test_500_4m8d.json").read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line.lstrip("\ufeff")) for line in lines if line.strip()]
     folder = store / "corpus"
@@ -50,11 +51,10 @@ def setup(tmp_path_factory):
 
 def test_bf16_pretraining_on_cuda(setup):
     store, cfg, _, student, corpus = setup
-    params = {"student": student, "corpus": corpus, "objective": "distill",
-              "pretrain": {**cfg["pretrain"], "max_steps": 150, "batch_size": 20, "grad_accum": 5, "bf16": True,
-                           "save_steps": 1000}}  # fmt: skip
+    params = pretrain.params(cfg, student=student, corpus=corpus, objective="distill")
+    params["pretrain"].update(max_steps=150, batch_size=20, grad_accum=5, bf16=True, save_steps=1000)
     model = pretrain.run(store, params)
-    log = json.loads((Path(model.path) / "pretrain_log.json").read_text())
+    log = read_log(model.path, "pretrain_log.json")
     assert log["stats"]["device"] == "cuda" and log["stats"]["bf16"] is True
     losses = [h["loss"] for h in log["history"] if "loss" in h]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
@@ -63,13 +63,12 @@ def test_bf16_pretraining_on_cuda(setup):
 
 def test_finetune_and_generation_on_cuda(setup):
     store, cfg, data, student, _ = setup
-    ft = {k: v for k, v in cfg["finetune"].items() if k not in ("seeds", "seed")}
-    params = {"data": data, "student": student, "seed": 42, "finetune": {**ft, "epochs": 3, "bf16": True},
-              "generation": {"max_new_tokens": 100, "num_beams": 1}}  # fmt: skip
+    params = finetune.params(cfg, data=data, student=student, seed=42)
+    params["finetune"].update(epochs=3, bf16=True)
     model = finetune.run(store, params)
-    dev = json.loads((Path(model.path) / "dev_metrics.json").read_text())
+    dev = read_log(model.path, "dev_metrics.json")
     assert dev["device"] == "cuda" and dev["bf16"] is True
-    ev = evaluate.run(store, {"model": model, "data": data, "evaluate": cfg["evaluate"]})
+    ev = evaluate.run(store, evaluate.params(cfg, model=model, data=data))
     metrics = read_metrics(ev.path)
     assert set(metrics) == {"normal", "implicit", "mams", "hard"}
     print("cuda finetune dev:", dev, "test:", {k: round(v["f1"], 4) for k, v in metrics.items()})

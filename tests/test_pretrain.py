@@ -20,7 +20,7 @@ from fsa_distill.tasks.student import NEWLINE_TOKEN, init_student
 
 from fsa_distill.artifacts import Artifact, seal
 from fsa_distill.config import compose_config
-from fsa_distill.models import load_seq2seq
+from fsa_distill.models import load_seq2seq, read_log
 from tests.conftest import DATA_SOURCE
 
 TINY = [
@@ -40,8 +40,8 @@ def setup(tmp_path_factory):
     """A tiny student and a corpus of real teacher outputs (the paper's released Mixtral answers)."""
     store = tmp_path_factory.mktemp("pretrain")
     cfg = compose_config(TINY)
-    data = acquire.run(store, {"dataset": "atsa/rest14", "source": DATA_SOURCE, "limit": 50})
-    student = init_student.run(store, {"student": cfg["student"], "datasets": [data]})
+    data = acquire.run(store, acquire.params(compose_config([*TINY, "data.limit=50"]), dataset="atsa/rest14"))
+    student = init_student.run(store, init_student.params(cfg, datasets=[data]))
     folder = store / "corpus"
     folder.mkdir()
     rows = mixtral_rows(24)
@@ -94,7 +94,7 @@ def test_pretrain_trains_and_saves_a_loadable_student(setup, objective):
     params = {"student": student, "corpus": corpus, "objective": objective,
               "pretrain": {**cfg["pretrain"], "max_steps": 3, "batch_size": 4, "max_target_length": 64}}  # fmt: skip
     model = pretrain.run(store, params)
-    log = json.loads((Path(model.path) / "pretrain_log.json").read_text())
+    log = read_log(model.path, "pretrain_log.json")
     assert log["stats"]["objective"] == objective and log["stats"]["resumed_from"] is None
     assert [h["loss"] for h in log["history"] if "loss" in h]
     net, tok = load_seq2seq(model.path)
@@ -130,6 +130,6 @@ def test_killed_pretrain_resumes_from_last_checkpoint(setup):
     assert not pretrain.output_dir(store, params).exists()
     last = max(int(p.name.split("-")[1]) for p in scratch.glob("checkpoint-*") if (p / "trainer_state.json").exists())
     model = pretrain.run(store, params)
-    log = json.loads((Path(model.path) / "pretrain_log.json").read_text())
+    log = read_log(model.path, "pretrain_log.json")
     assert log["stats"]["resumed_from"] == f"checkpoint-{last}"
     assert not scratch.exists()

@@ -52,10 +52,45 @@ def test_key_follows_input_content_not_path(tmp_path):
 
 
 def test_unkeyed_settings_do_not_change_the_key():
-    stage = Stage("t-unkeyed", _seed, unkeyed={"timeout_s": None, "cfg": ("retries",)})
+    stage = Stage("t-unkeyed", _seed, unkeyed=("timeout_s", "cfg.retries"))
     base = stage.key({"value": 1, "timeout_s": 5, "cfg": {"retries": 1, "lr": 0.1}})
     assert stage.key({"value": 1, "timeout_s": 50, "cfg": {"retries": 9, "lr": 0.1}}) == base
     assert stage.key({"value": 1, "timeout_s": 5, "cfg": {"retries": 1, "lr": 0.2}}) != base
+
+
+def test_an_unkeyed_path_that_does_not_resolve_is_an_error():
+    stage = Stage("t-typo", _seed, unkeyed=("cfg.retires",))
+    with pytest.raises(KeyError, match="cfg.retires"):
+        stage.key({"value": 1, "cfg": {"retries": 1}})
+
+
+def test_measurements_are_verified_but_outside_the_content_hash(tmp_path):
+    calls = iter([0.5, 7.25])
+
+    def timed(out: Path, *, value: int) -> None:
+        (out / "value.json").write_text(json.dumps(value))
+        (out / "measured").mkdir()
+        (out / "measured" / "timing.json").write_text(json.dumps({"wall_s": next(calls)}))
+
+    stage = Stage("t-timed", timed)
+    first = stage.run(tmp_path / "one", {"value": 1})
+    second = stage.run(tmp_path / "two", {"value": 1})
+    assert first.sha256 == second.sha256  # different wall times, same content
+    (Path(first.path) / "measured" / "timing.json").write_text("{}")
+    assert stage.cached(tmp_path / "one", {"value": 1}) is None  # an edited measurement is still noticed
+
+
+def test_a_moved_store_is_read_where_it_is_now(tmp_path):
+    CALLS.clear()
+    a = seed_stage.run(tmp_path / "old", {"value": 3})
+    b = double_stage.run(tmp_path / "old", {"source": a, "factor": 2})
+    (tmp_path / "old").rename(tmp_path / "new")
+    # `a` still carries the old absolute path: the stage reads its input from the store it runs in
+    moved = double_stage.run(tmp_path / "new", {"source": a, "factor": 5})
+    assert json.loads((Path(moved.path) / "value.json").read_text()) == 15
+    assert Path(moved.path).is_relative_to(tmp_path / "new") and not (tmp_path / "old").exists()
+    assert double_stage.run(tmp_path / "new", {"source": a, "factor": 2}).rel == b.rel
+    assert CALLS == ["seed", "double", "double"]
 
 
 def test_deleted_or_edited_output_is_recomputed(tmp_path):
