@@ -1,4 +1,4 @@
-"""Near-duplicate removal at scale: our numpy MinHash LSH (tasks/clean.py) vs datasketch, one run.
+"""Near-duplicate removal at scale: our numpy MinHash LSH (tasks/clean/minhash.py) vs datasketch, one run.
 
     python -m perf.bench_clean [--rows 1000000] [--datasketch-rows 200000] [--workdir DIR]
 
@@ -140,9 +140,10 @@ def build_corpus(path: Path, rows: int, planted: float, seed: int, ngram: int) -
             ("finish_reason", "stop"),
             ("prompt_tokens", len(review.split())),
             ("output_tokens", len(text.split())),
-            ("latency_s", 0.0),
+            ("latency_s", 0.0),  # a measurement: written only while the generations contract has it
         ):
-            chunk[name].append(value)
+            if name in chunk:
+                chunk[name].append(value)
         if len(chunk["output"]) == 10_000:
             flush()
     if chunk["output"]:
@@ -222,11 +223,12 @@ def child_clean(path: Path, limit: int, cfg: dict[str, Any], bench_store: Path) 
 
     from fsa_distill.artifacts import Artifact
 
-    benchmark = [acquire.run(bench_store, {"dataset": d, "source": DATA_SOURCE}) for d in DATASETS]
+    acquire_cfg = {"data": {"source": DATA_SOURCE, "limit": None, "timeout_s": 60.0}}
+    datasets = [acquire.run(bench_store, acquire.params(acquire_cfg, dataset=d)) for d in DATASETS]
     base = rss_mb()
     out = Path(tempfile.mkdtemp(dir=path.parent, prefix="clean-out-"))
     start = time.perf_counter()
-    clean.fn(out, generations=[Artifact(path=str(path.parent), sha256="bench")], benchmark=benchmark, clean=cfg)
+    clean.fn(out, generations=[Artifact(path=str(path.parent), sha256="bench")], datasets=datasets, clean=cfg)
     seconds = time.perf_counter() - start
     stats = json.loads((out / "stats.json").read_text())
     shutil.rmtree(out, ignore_errors=True)

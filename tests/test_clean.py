@@ -1,5 +1,5 @@
 """Corpus cleaning: every rule on crafted cases and on the 500 real Mixtral outputs, dedup, decontamination,
-streaming by row group and the stage cache."""
+streaming by row group, byte-identical outputs and the stage cache."""
 
 from __future__ import annotations
 
@@ -19,15 +19,32 @@ from fsa_distill.tasks.clean import (
     CORPUS_SCHEMA,
     DROP_RULES,
     GENERATIONS_SCHEMA,
+    INPUT_SCHEMA,
     QUARANTINE_SCHEMA,
     RULES,
+    Batch,
+    BenchmarkSentence,
     MinHasher,
+    Row,
+    RuleInputs,
     clean,
     cut_preamble,
     cut_trailers,
     mix64,
     ngram_hashes,
     parse_analysis,
+)
+from fsa_distill.tasks.clean.rules import (
+    Contaminated,
+    ExactDup,
+    Length,
+    NearDup,
+    Preamble,
+    Refusal,
+    Trailer,
+    Trim,
+    Truncated,
+    Unparseable,
 )
 
 from fsa_distill.artifacts import Artifact, sha256_file
@@ -94,7 +111,10 @@ def mixtral_rows() -> list[dict]:
 @pytest.fixture(scope="module")
 def benchmark(tmp_path_factory, data_source) -> list[Artifact]:
     store = tmp_path_factory.mktemp("bench")
-    return [acquire.run(store, {"dataset": d, "source": data_source}) for d in DATASETS]
+    cfg = {"data": {"source": data_source, "limit": None, "timeout_s": 60.0}}
+    # acquired in a store of their own: passed as external files (no `rel`), so any clean store finds them
+    arts = [acquire.run(store, acquire.params(cfg, dataset=d)) for d in DATASETS]
+    return [Artifact(path=a.path, sha256=a.sha256) for a in arts]
 
 
 def generations(folder: Path, rows: list[dict]) -> Artifact:
@@ -106,7 +126,7 @@ def generations(folder: Path, rows: list[dict]) -> Artifact:
 
 def run(tmp_path: Path, rows: list[dict], benchmark: list[Artifact], **cfg: Any) -> tuple[Path, dict]:
     gen = generations(tmp_path / f"gen-{len(list(tmp_path.glob('gen-*')))}", rows)
-    art = clean.run(tmp_path / "store", {"generations": [gen], "benchmark": benchmark, "clean": {**CFG, **cfg}})
+    art = clean.run(tmp_path / "store", {"generations": [gen], "datasets": benchmark, "clean": {**CFG, **cfg}})
     return Path(art.path), json.loads((Path(art.path) / "stats.json").read_text())
 
 
@@ -416,7 +436,7 @@ def test_quarantine_and_stats_account_for_every_row(tmp_path, mixtral_rows, benc
         assert block["kept"] == sum(r["prompt"] == prompt for r in kept)
     assert stats["output_tokens_kept"] == sum(r["output_tokens"] for r in kept)
     assert stats["review_chars_kept"] == sum(len(r["review"]) for r in kept)
-    assert list(RULES) == stats["rules"]
+    assert [r.name for r in RULES] == stats["rules"]
     # quarantined rows keep the input unchanged (the raw output) and say why
     by_key = {(r["review_id"], r["output"]) for r in rows}
     assert all((r["review_id"], r["output"]) in by_key and r["rule"] in DROP_RULES for r in dropped)
@@ -436,7 +456,7 @@ def test_streaming_by_small_row_groups_gives_the_same_result(tmp_path, mixtral_r
 
 def test_cached_rerun_is_idempotent_and_deterministic(tmp_path, mixtral_rows, benchmark):
     gen = generations(tmp_path / "gen", mixtral_rows[:100])
-    params = {"generations": [gen], "benchmark": benchmark, "clean": CFG}
+    params = {"generations": [gen], "datasets": benchmark, "clean": CFG}
     first = clean.run(tmp_path / "store", params)
     stamp = (Path(first.path) / "corpus.parquet").stat().st_mtime_ns
     again = clean.run(tmp_path / "store", params)
@@ -455,7 +475,212 @@ def test_bad_generations_file_names_the_file(tmp_path, benchmark):
     pq.write_table(table, folder / "generations.parquet")
     gen = Artifact(path=str(folder), sha256=sha256_file(folder / "generations.parquet"))
     with pytest.raises(InputError, match=r"gen/generations\.parquet: missing columns \['output'\]"):
-        clean.run(tmp_path / "store", {"generations": [gen], "benchmark": benchmark, "clean": CFG})
+        clean.run(tmp_path / "store", {"generations": [gen], "datasets": benchmark, "clean": CFG})
     assert not list((tmp_path / "store").rglob("corpus.parquet"))
     with pytest.raises(InputError, match=r"multiple of clean\.minhash_bands"):
         run(tmp_path, [row(REWRITE)], benchmark, minhash_perm=60)
+
+
+# ---------------------------------------------------------------------------------------------
+# decontamination before dedup
+
+
+def test_a_contaminated_row_does_not_suppress_its_duplicates(tmp_path, mixtral_rows, benchmark):
+    """A row dropped as contaminated never enters a dedup index: its clean duplicates are kept."""
+    leak = "We came for brunch on a Sunday. " + BENCH_SENTENCE
+    fine = "We came for brunch on a Sunday and the pancakes were superb."
+    long_one = next(r["output"] for r in mixtral_rows if r["prompt"] == "rewriting" and len(r["output"].split()) > 120)
+    near_copy = _edit(long_one, np.random.default_rng(3), 1)
+    rows = [
+        row(REWRITE, review=leak, review_id="leak-exact"),
+        row(REWRITE, review=fine, review_id="clean-exact"),  # the same output, a clean review
+        row(long_one, review=leak, review_id="leak-near"),
+        row(near_copy, review=fine, review_id="clean-near"),  # a near duplicate of it, a clean review
+    ]
+    for size in (10_000, 1):
+        out, stats = run(tmp_path / str(size), rows, benchmark, row_group_size=size)
+        assert {r["review_id"]: r["rule"] for r in quarantine(out)} == {
+            "leak-exact": "contaminated",
+            "leak-near": "contaminated",
+        }
+        assert [r["review_id"] for r in corpus(out)] == ["clean-exact", "clean-near"]
+        assert stats["dropped"]["contaminated"] == 2
+        assert stats["dropped"]["exact_dup"] == stats["dropped"]["near_dup"] == 0
+
+
+def test_rules_apply_decontamination_before_dedup():
+    names = [r.name for r in RULES]
+    assert names == [
+        "trim",
+        "preamble",
+        "trailer",
+        "refusal",
+        "truncated",
+        "unparseable",
+        "length",
+        "contaminated",
+        "exact_dup",
+        "near_dup",
+    ]
+    assert len(set(names)) == len(names)
+    assert tuple(r.name for r in RULES if r.kind == "drop") == DROP_RULES
+
+
+# ---------------------------------------------------------------------------------------------
+# the corpus is content: deterministic bytes, no measurements
+
+
+def _generations_with_latency(folder: Path, rows: list[dict], latency: float) -> Artifact:
+    """A generations file that carries a `latency_s` column (whether the contract still has it or not)."""
+    schema = (
+        GENERATIONS_SCHEMA
+        if "latency_s" in GENERATIONS_SCHEMA.names
+        else INPUT_SCHEMA.append(pa.field("latency_s", pa.float64()))
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "generations.parquet"
+    pq.write_table(pa.Table.from_pylist([dict(r, latency_s=latency + i) for i, r in enumerate(rows)], schema), path)
+    return Artifact(path=str(folder), sha256=sha256_file(path))
+
+
+def test_same_inputs_give_byte_identical_outputs(tmp_path, mixtral_rows, benchmark):
+    gen = generations(tmp_path / "gen", _mixed(mixtral_rows)[:200])
+    params = {"generations": [gen], "datasets": benchmark, "clean": CFG}
+    first = clean.run(tmp_path / "one", params)
+    second = clean.run(tmp_path / "two", params)
+    assert first.path != second.path and first.sha256 == second.sha256
+    for name in ("corpus.parquet", "quarantine.parquet", "stats.json"):
+        assert (Path(first.path) / name).read_bytes() == (Path(second.path) / name).read_bytes()
+    # wall times are measurements: outside stats.json and outside the content hash
+    stats = json.loads((Path(first.path) / "stats.json").read_text())
+    assert not [k for k in json.dumps(stats).split('"') if re.search(r"second|_per_s|latency|time", k)]
+    timing = json.loads((Path(first.path) / "measured" / "timing.json").read_text())
+    assert timing["rows"] == 200 and set(timing["rule_seconds"]) == {r.name for r in RULES}
+    manifest = json.loads((Path(first.path) / "_manifest.json").read_text())
+    assert "measured/timing.json" in manifest["measured"] and "measured/timing.json" not in manifest["files"]
+
+
+def test_latency_does_not_reach_the_corpus(tmp_path, mixtral_rows, benchmark):
+    rows = _mixed(mixtral_rows)[:100]
+    slow = _generations_with_latency(tmp_path / "slow", rows, latency=5.0)
+    fast = _generations_with_latency(tmp_path / "fast", rows, latency=0.1)
+    assert slow.sha256 != fast.sha256  # the inputs differ (only in latency_s)...
+    a = clean.run(tmp_path / "store", {"generations": [slow], "datasets": benchmark, "clean": CFG})
+    b = clean.run(tmp_path / "store", {"generations": [fast], "datasets": benchmark, "clean": CFG})
+    assert a.path != b.path
+    assert a.sha256 == b.sha256  # ...the corpus does not
+    for art in (a, b):
+        assert "latency_s" not in pq.read_schema(Path(art.path) / "corpus.parquet").names
+        assert "latency_s" not in pq.read_schema(Path(art.path) / "quarantine.parquet").names
+    assert (Path(a.path) / "corpus.parquet").read_bytes() == (Path(b.path) / "corpus.parquet").read_bytes()
+
+
+def test_generations_without_latency_are_accepted(tmp_path, benchmark):
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([row(REWRITE)], schema=INPUT_SCHEMA), folder / "generations.parquet")
+    gen = Artifact(path=str(folder), sha256=sha256_file(folder / "generations.parquet"))
+    art = clean.run(tmp_path / "store", {"generations": [gen], "datasets": benchmark, "clean": CFG})
+    assert [r["output"] for r in corpus(Path(art.path))] == [REWRITE]
+
+
+def test_params_are_the_clean_section_and_the_inputs(benchmark):
+    cfg = compose_config([])
+    gen = Artifact(path="/nowhere", sha256="0" * 64)
+    params = clean.params(cfg, generations=[gen], datasets=benchmark)
+    assert params == {"generations": [gen], "datasets": benchmark, "clean": cfg["clean"]}
+    assert clean.key(params) == clean.key(clean.params(cfg, generations=[gen], datasets=list(benchmark)))
+
+
+# ---------------------------------------------------------------------------------------------
+# rules one at a time
+
+
+def _batch(texts: list[str], prompts: list[str] | None = None, reviews: list[str] | None = None, first: int = 0):
+    n = len(texts)
+    return Batch(
+        text=list(texts),
+        prompt=prompts or ["rewriting"] * n,
+        finish_reason=["stop"] * n,
+        review=pa.array(reviews or ["A review."] * n, pa.large_string()),
+        ordinal=np.arange(first, first + n, dtype=np.int64),
+    )
+
+
+def test_modify_rules_rewrite_and_count():
+    batch = _batch([f"  {REWRITE} ", f"Sure! Here's the rewritten review:\n{REWRITE}\n\nConfidence: 90%", REWRITE])
+    rules = [Trim(), Preamble(), Trailer()]
+    live = [0, 1, 2]
+    for rule in rules:
+        assert rule.kind == "modify" and rule.run(batch, live) == live
+    assert batch.text == [REWRITE] * 3
+    assert [r.counts["rewriting"] for r in rules] == [1, 1, 1]
+
+
+def test_per_row_drop_rules():
+    def r(text: str, prompt: str = "rewriting", finish: str | None = "stop") -> Row:
+        return Row(text, prompt, finish, "A review.")
+
+    assert Refusal().filter(r("I'm sorry, but I can't help with that.")) == (False, "")
+    assert Refusal().filter(r(REWRITE)) is True
+    assert Truncated().filter(r(REWRITE, finish="length")) == (False, "finish_reason length")
+    assert Truncated().filter(r("It crushes ice and the")) == (False, "no terminal punctuation")
+    assert Truncated().filter(r(REWRITE)) is True
+    assert Unparseable().filter(r("I love it.", prompt="analysis"))[0] is False
+    assert Unparseable().filter(r(ANALYSIS, prompt="analysis")) is True
+    assert Unparseable().filter(r("I love it.")) is True
+    length = Length(min_chars=5, max_chars=10)
+    assert length.filter(r("Fine.")) is True
+    assert length.filter(r("Far too long.")) == (False, "13 chars, bounds 5..10")
+
+
+def test_drop_rules_see_only_live_rows_and_count_per_prompt():
+    batch = _batch(["I'm sorry, but I can't do that.", "Fine, thanks.", "I cannot rewrite this."], first=10)
+    batch.prompt[2] = "analysis"
+    rule = Refusal()
+    assert rule.run(batch, [1, 2]) == [1]  # row 0 is not live: not looked at
+    assert batch.rule == [None, None, "refusal"] and rule.counts == {"analysis": 1}
+
+
+def test_exact_dup_index_spans_batches():
+    rule = ExactDup()
+    first = _batch([REWRITE, "Another answer."], first=0)
+    assert rule.run(first, [0, 1]) == [0, 1]
+    second = _batch(
+        ["  " + REWRITE.upper(), REWRITE, "Another answer."], prompts=["rewriting", "rewriting", "x"], first=2
+    )
+    assert rule.run(second, [0, 1, 2]) == [2]  # another prompt is never a duplicate
+    assert second.detail[:2] == ["exact duplicate of input row 0"] * 2
+
+
+def test_near_dup_rule_spans_batches(mixtral_rows):
+    text = next(r["output"] for r in mixtral_rows if r["prompt"] == "rewriting" and len(r["output"].split()) > 120)
+    rule = NearDup.from_config(CFG, RuleInputs())
+    assert rule.run(_batch([text], first=0), [0]) == [0]
+    batch = _batch([_edit(text, np.random.default_rng(0), 1), REWRITE], first=1)
+    assert rule.run(batch, [0, 1]) == [1]
+    assert batch.detail[0].startswith("near duplicate of input row 0 (estimated Jaccard")
+
+
+def test_contaminated_rule_checks_reviews():
+    sentences = [BenchmarkSentence("bench/test/1", BENCH_SENTENCE)]
+    rule = Contaminated.from_config(CFG, RuleInputs(sentences=sentences))
+    batch = _batch([REWRITE, REWRITE, REWRITE], reviews=["Nice.", "So: " + BENCH_SENTENCE, "So: " + BENCH_SENTENCE])
+    assert rule.run(batch, [0, 1, 2]) == [0]
+    assert batch.detail[1] == "benchmark sentence bench/test/1 (n-gram overlap 1.00)"
+    assert rule.stats() == {"benchmark_sentences": 1, "benchmark_sentences_skipped_short": 0}
+
+
+def test_rule_config_checks_name_the_key():
+    with pytest.raises(InputError, match=r"clean\.min_chars must be a non-negative integer"):
+        Length.from_config({**CFG, "min_chars": -1}, RuleInputs())
+    with pytest.raises(InputError, match=r"clean\.near_dup_threshold must be between 0 and 1"):
+        NearDup.from_config({**CFG, "near_dup_threshold": 1.5}, RuleInputs())
+    with pytest.raises(InputError, match=r"clean\.max_chars is missing \(read by the length rule\)"):
+        Length.from_config({k: v for k, v in CFG.items() if k != "max_chars"}, RuleInputs())
+    assert Contaminated.from_config({k: v for k, v in CFG.items() if k != "decontam_min_words"}, RuleInputs())
+
+
+def test_every_clean_key_is_read_by_a_rule_or_the_stage():
+    read = {key for rule in RULES for key in rule.keys} | {"row_group_size"}
+    assert read == set(CFG)
