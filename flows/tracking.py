@@ -64,13 +64,19 @@ def git_commit() -> str:
 
 
 def flatten(prefix: str, value: Any) -> dict[str, str]:
-    """Nested config -> {"finetune.learning_rate": "0.001", ...} for MLflow params."""
+    """Nested config -> {"finetune.learning_rate": "0.001", ...} for MLflow params.
+
+    Every value is redacted (`fsa_distill.redact`): a URL's userinfo and secret query values
+    (`tracking.uri`, `teacher.base_url`) become `***`, so MLflow params never hold credentials.
+    """
+    from fsa_distill.redact import redact_text
+
     if isinstance(value, dict):
         out: dict[str, str] = {}
         for key, sub in value.items():
             out.update(flatten(f"{prefix}.{key}" if prefix else str(key), sub))
         return out
-    return {prefix: json.dumps(value) if isinstance(value, list) else str(value)}
+    return {prefix: redact_text(json.dumps(value) if isinstance(value, list) else str(value))}
 
 
 def numeric(values: dict[str, Any]) -> dict[str, float]:

@@ -158,8 +158,11 @@ class TeacherConfig:
     api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = 4  # requests in flight
     timeout_s: float = 120.0  # per request
-    max_retries: int = 5  # on 429, 5xx, timeouts, dropped connections, malformed replies
+    max_retries: int = 5  # malformed replies: re-asked this many times, then recorded as an error
     backoff_s: float = 0.5  # first retry delay; doubles per retry (with jitter), capped at 30 s
+    # 408/409/425/429/5xx, timeouts, dropped connections: retried (honouring Retry-After) while a pair's
+    # total wait between attempts stays within this many seconds: enough for a per-minute rate-limit window
+    retry_budget_s: float = 120.0
     # released: JSON lines with ID, Text, Overall, <model>_response
     released_path: str | None = None
     released_field: str | None = None
@@ -283,6 +286,17 @@ def validate(cfg: dict[str, Any]) -> None:
     backends = ("transformers", "vllm", "openai", "released")
     if cfg["teacher"]["backend"] not in backends:
         raise ValueError(f"teacher.backend: {cfg['teacher']['backend']!r} is not one of {', '.join(backends)}")
+    import re
+
+    key_env = cfg["teacher"].get("api_key_env")
+    if key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(key_env)):
+        # never echo the value: what lands here by mistake is usually the key itself
+        raise ValueError(
+            "teacher.api_key_env must be the NAME of an environment variable that holds the API key "
+            "(letters, digits and _, e.g. OPENAI_API_KEY), not the key itself; the value given is not shown"
+        )
+    if cfg["teacher"].get("retry_budget_s") is not None and cfg["teacher"]["retry_budget_s"] < 0:
+        raise ValueError(f"teacher.retry_budget_s must be >= 0, got {cfg['teacher']['retry_budget_s']}")
 
 
 def seeds(cfg: dict[str, Any]) -> list[int]:

@@ -1,19 +1,32 @@
-"""Stage `generate`: the teacher LLM answers every (review, prompt) pair, one shard per stage run.
+"""Stage `generate`: the teacher LLM answers a range of (review, prompt) pairs, one range per stage run.
 
-The pairs are the first `teacher.max_reviews` reviews (all if null) in file order, each with
-every prompt in name order; shard k holds pairs [k * shard_size, (k + 1) * shard_size). A shard
-is the unit of caching, resume and scale-out: a killed run loses at most the shards in flight,
-a rerun finds the finished ones in the stage cache, and the flow maps shards over its task
-runner. Backends (tasks/teachers/): transformers, vllm (its own environment), openai (any
-OpenAI-compatible server). Imported outputs use the separate `released` stage.
+The pairs are the reviews in file order, each with every prompt in name order: pair i is review
+i // n_prompts with prompt i % n_prompts. A shard is the pair range [first, last): the unit of
+caching, resume and scale-out. `shard_ranges` cuts the first `teacher.max_reviews` reviews' pairs
+into ranges of `teacher.shard_size`; the stage itself only sees its range, so neither setting is
+in its key (raising max_reviews keeps every full shard's key). A killed run loses at most the
+shards in flight, a rerun finds the finished ones in the stage cache, and the flow maps shards
+over its task runner. Backends (tasks/teachers/): transformers, vllm (its own environment), openai
+(any OpenAI-compatible server); only the chosen backend's code is in the key (`backend_code`).
+Imported outputs use the separate `released` stage (tasks/teachers/released.py).
 
-Output `generations.parquet` (schema `GENERATIONS`, one row per pair, pair order) and
-`stats.json` (backend, counts of retries, errors and malformed replies, wall time).
+Output (content, what later stages read): `generations.parquet` (schema `GENERATIONS`, one row per
+pair, pair order; the `model` column holds the model's content fingerprint, never its path) and
+`stats.json` (backend, range, pairs, errors, finish reasons, tokens). Measurements, outside the
+content hash (fsa_distill.artifacts): `measured/latency.parquet` (review_id, prompt, latency_s) and
+`measured/timing.json` (wall_s, output_tokens_per_s, resumed_pairs, retries, malformed and the
+backend's own counters: device, worker timings, HTTP errors). Greedy decoding of the same range
+twice gives the same bytes and the same artifact hash.
+
+The stage is resumable: a backend whose pairs are independent requests (openai) reports each
+finished pair, which is appended to `<scratch>/pairs.jsonl`; a retried or restarted attempt sends
+only the pairs not in it. (transformers/vllm generate a range as one batch job: a subset would be
+batched, padded and seeded differently, so they always regenerate the whole range.)
 
 Per backend, what the provenance columns measure:
 * `prompt_sha256`: transformers/vllm hash the chat-template text the model was fed (system
   message included); openai hashes the JSON of the messages sent (the server renders them).
-* `latency_s`: transformers, the wall time of the pair's batch; vllm, the whole offline
+* `latency_s` (measured): transformers, the wall time of the pair's batch; vllm, the whole offline
   `generate` call (all requests are submitted at once); openai, the successful request's round trip.
 * `finish_reason`: "length" when max_new_tokens ran out before EOS, "error" when the backend
   gave no usable answer (openai: malformed after all retries, or the request was refused).
@@ -23,7 +36,7 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,8 +44,10 @@ from typing import Any
 import pyarrow.parquet as pq
 from fsa_distill.tasks.stage import stage
 from fsa_distill.tasks.teachers.common import (
+    FINISH_REASONS,
     GENERATIONS,
     PLACEHOLDER,
+    Generation,
     Pair,
     read_generations,
     render,
@@ -40,30 +55,63 @@ from fsa_distill.tasks.teachers.common import (
     write_generations,
     write_stats,
 )
-from fsa_distill.tasks.teachers.released import import_released, read_released, released_params
 
-from fsa_distill.artifacts import Artifact
+from fsa_distill.artifacts import Artifact, fingerprint
+from fsa_distill.codehash import code_version
 from fsa_distill.errors import InputError
 
 __all__ = [
     "BACKENDS",
     "GENERATIONS",
-    "count_shards",
     "generate_shard",
-    "import_released",
     "read_generations",
-    "read_released",
-    "released_params",
     "shard_pairs",
+    "shard_ranges",
 ]
 
-#: backend name -> module with `generate(pairs, teacher) -> (generations, stats)`
+#: backend name -> module with `generate(pairs, teacher) -> (generations, measured)`. Imported by
+#: name at run time, never here: the stage's own code version then holds no backend, and the
+#: params key only the chosen one (`backend_code`).
 BACKENDS = {
     "transformers": "fsa_distill.tasks.teachers.hf",
     "vllm": "fsa_distill.tasks.teachers.vllm",
     "openai": "fsa_distill.tasks.teachers.openai_compat",
 }
+#: The `released` stage's names, re-exported lazily (module `__getattr__`) so its code is not in this stage's key.
+_RELEASED = {"import_released", "read_released", "released_params"}
 REVIEWS_FILE = "reviews.parquet"
+CHECKPOINT = "pairs.jsonl"
+#: Teacher settings read by one backend only: for the others they are blanked in the params (no re-key).
+_BACKEND_ONLY = {"base_url": ("openai", None), "vllm_args": ("vllm", {}), "batch_size": ("transformers", None)}
+#: Dotted paths into the params that change how the stage runs, not what it writes.
+UNKEYED = (
+    "teacher.model",  # the path; its content is keyed as `model_fingerprint`
+    "teacher.max_reviews",  # decide which ranges exist (shard_ranges), not what a range holds
+    "teacher.shard_size",
+    # keyed through `sampling` (sampling_settings): greedy decoding ignores temperature, top_p and seed
+    "teacher.do_sample",
+    "teacher.max_new_tokens",
+    "teacher.temperature",
+    "teacher.top_p",
+    "teacher.seed",
+    # how requests are made, not what the teacher answers (base_url stays keyed: it picks the server)
+    "teacher.python",
+    "teacher.concurrency",
+    "teacher.timeout_s",
+    "teacher.max_retries",
+    "teacher.backoff_s",
+    "teacher.retry_budget_s",
+    "teacher.api_key_env",
+    # the released stage's settings
+    "teacher.released_path",
+    "teacher.released_field",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RELEASED:
+        return getattr(importlib.import_module("fsa_distill.tasks.teachers.released"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _n_reviews(n_rows: int, teacher: dict[str, Any]) -> int:
@@ -78,13 +126,20 @@ def _shard_size(teacher: dict[str, Any]) -> int:
     return size
 
 
-def count_shards(reviews_parquet_path: str | Path, prompts: dict[str, Any], teacher: dict[str, Any]) -> int:
-    """How many shards the run has (reads only the Parquet footer)."""
-    path = Path(reviews_parquet_path)
+def _n_rows(path: Path) -> int:
     if not path.is_file():
         raise InputError(f"{path}: reviews file not found")
-    n_pairs = _n_reviews(pq.read_metadata(path).num_rows, teacher) * len(prompts)
-    return math.ceil(n_pairs / _shard_size(teacher))
+    return pq.read_metadata(path).num_rows
+
+
+def shard_ranges(
+    reviews_parquet: str | Path, prompts: dict[str, Any], teacher: dict[str, Any]
+) -> list[tuple[int, int]]:
+    """The pair ranges [first, last) of a run: the first `teacher.max_reviews` reviews' pairs in
+    ranges of `teacher.shard_size` (the last one may be shorter). Reads only the Parquet footer."""
+    n_pairs = _n_reviews(_n_rows(Path(reviews_parquet)), teacher) * len(_check_prompts(prompts))
+    size = _shard_size(teacher)
+    return [(first, min(first + size, n_pairs)) for first in range(0, n_pairs, size)]
 
 
 def _check_prompts(prompts: dict[str, Any]) -> list[str]:
@@ -121,24 +176,34 @@ def _read_reviews(path: Path, n_first: int) -> list[dict[str, Any]]:
     return rows
 
 
-def shard_pairs(
-    reviews_parquet_path: str | Path, shard: int, prompts: dict[str, Any], teacher: dict[str, Any]
-) -> list[Pair]:
-    """The (review, prompt) pairs of shard `shard`, review-major, prompts by name."""
+def _pair_range(pairs: Any) -> tuple[int, int]:
+    """`pairs` as (first, last), checked for shape: two integers with 0 <= first < last."""
+    if not isinstance(pairs, list | tuple) or len(pairs) != 2 or not all(isinstance(v, int) for v in pairs):
+        raise InputError(f"pairs must be [first, last) as two integers, got {pairs!r}")
+    first, last = int(pairs[0]), int(pairs[1])
+    if first < 0 or last <= first:
+        raise InputError(f"pairs [{first}, {last}) is empty or negative: need 0 <= first < last")
+    return first, last
+
+
+def shard_pairs(reviews_parquet_path: str | Path, pairs: Any, prompts: dict[str, Any]) -> list[Pair]:
+    """The (review, prompt) pairs with index in [first, last), review-major, prompts by name."""
     path = Path(reviews_parquet_path)
     names = _check_prompts(prompts)
-    size = _shard_size(teacher)
-    n_shards = count_shards(path, prompts, teacher)
-    if not 0 <= shard < max(n_shards, 1):
-        raise InputError(f"shard {shard} is out of range: {path} gives {n_shards} shard(s) of {size} pairs")
-    n_reviews = _n_reviews(pq.read_metadata(path).num_rows, teacher)
-    first, last = shard * size, min((shard + 1) * size, n_reviews * len(names))
-    reviews = _read_reviews(path, n_reviews) if last > first else []
-    pairs = []
+    first, last = _pair_range(pairs)
+    n_rows = _n_rows(path)
+    total = n_rows * len(names)
+    if last > total:
+        raise InputError(
+            f"pairs [{first}, {last}) is out of range: {path} has {n_rows} review(s) x {len(names)} prompt(s)"
+            f" = {total} pairs"
+        )
+    reviews = _read_reviews(path, (last - 1) // len(names) + 1)
+    out = []
     for index in range(first, last):
         review, name = reviews[index // len(names)], names[index % len(names)]
         spec = prompts[name]
-        pairs.append(
+        out.append(
             Pair(
                 index=index,
                 review_id=str(review["id"]),
@@ -149,62 +214,126 @@ def shard_pairs(
                 user=render(spec["template"], review["text"]),
             )
         )
-    return pairs
+    return out
 
 
-@stage(
-    "generate",
-    code=(
-        "fsa_distill.tasks.teachers.common",
-        "fsa_distill.tasks.teachers.hf",
-        "fsa_distill.tasks.teachers.vllm",
-        "fsa_distill.tasks.teachers.openai_compat",
-        "fsa_distill.tasks.vllm_worker",
-        "fsa_distill.llm",
-    ),
-    retries=2,
-    # how requests are made, not what the teacher answers
-    unkeyed={"teacher": ("python", "concurrency", "timeout_s", "max_retries", "backoff_s", "api_key_env")},
-)
-def generate_shard(
-    out: Path,
-    *,
-    reviews: Artifact,
-    shard: int,
-    prompts: dict[str, Any],
-    teacher: dict[str, Any],
-    fingerprint: str = "",
-) -> None:
-    """Generate shard `shard` of the (review, prompt) pairs with `teacher.backend`.
-
-    `fingerprint` is the content hash of a local `teacher.model` folder: it only feeds the key.
-    """
-    backend = teacher.get("backend")
+def _check_backend(backend: Any) -> str:
     if backend == "released":
         raise InputError("teacher.backend=released imports outputs: use the `released` stage (import_released)")
     if backend not in BACKENDS:
         raise InputError(f"teacher.backend: unknown {backend!r}; known: {', '.join([*BACKENDS, 'released'])}")
-    pairs = shard_pairs(Path(reviews.path) / REVIEWS_FILE, shard, prompts, teacher)
+    return backend
+
+
+def _load_checkpoint(path: Path, pairs: list[Pair]) -> dict[int, Generation]:
+    """The finished pairs recorded by an earlier attempt (a torn last line, or a stranger, is ignored)."""
+    if not path.is_file():
+        return {}
+    wanted = {p.index: p for p in pairs}
+    found: dict[int, Generation] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            pair = wanted.get(record["index"])
+            if pair is None or (record["review_id"], record["prompt"]) != (pair.review_id, pair.prompt):
+                continue
+            found[pair.index] = Generation.from_record(record)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return found
+
+
+@stage("generate", retries=2, resumable=True, unkeyed=UNKEYED)
+def generate_shard(
+    out: Path,
+    *,
+    reviews: Artifact,
+    pairs: list[int],
+    prompts: dict[str, Any],
+    teacher: dict[str, Any],
+    model_fingerprint: str,
+    backend_code: str,
+    sampling: dict[str, Any],
+    scratch: Path | None = None,
+) -> None:
+    """Generate the pairs [first, last) = `pairs` with `teacher.backend` (params: `generate_shard.params`).
+
+    `model_fingerprint` (content hash of a local `teacher.model`, or its hub id) is what the rows
+    record as `model`; `backend_code` and `sampling` are keyed and checked against the code and
+    settings that run. `scratch` (from the stage runner) holds the per-pair checkpoint.
+    """
+    backend = _check_backend(teacher.get("backend"))
+    if backend_code != code_version([BACKENDS[backend]]):
+        raise InputError(f"backend_code does not match the {backend} backend's code: recompute the params")
+    if sampling != sampling_settings(teacher):
+        raise InputError("sampling does not match the teacher's settings: recompute the params")
+    todo = shard_pairs(Path(reviews.path) / REVIEWS_FILE, pairs, prompts)
+    module = importlib.import_module(BACKENDS[backend])
+    checkpoint = scratch / CHECKPOINT if scratch is not None and getattr(module, "PAIRWISE", False) else None
+    finished = _load_checkpoint(checkpoint, todo) if checkpoint else {}
+    remaining = [p for p in todo if p.index not in finished]
     began = time.perf_counter()
-    if pairs:
-        generations, extra = importlib.import_module(BACKENDS[backend]).generate(pairs, teacher)
+    extra: dict[str, Any] = {}
+    if remaining and checkpoint is not None:
+        lock = threading.Lock()
+        with open(checkpoint, "a", encoding="utf-8") as handle:
+
+            def done(pair: Pair, generation: Generation) -> None:
+                with lock:
+                    handle.write(json.dumps(generation.record(pair)) + "\n")
+                    handle.flush()
+
+            generated, extra = module.generate(remaining, teacher, done=done)
+    elif remaining:
+        generated, extra = module.generate(remaining, teacher)
     else:
-        generations, extra = [], {}
+        generated = []
     wall = time.perf_counter() - began
-    sampling = json.dumps(sampling_settings(teacher), sort_keys=True)
-    write_generations(out, pairs, generations, teacher, sampling)
-    n_out = sum(g.output_tokens for g in generations)
+    finished.update({p.index: g for p, g in zip(remaining, generated, strict=True)})
+    generations = [finished[p.index] for p in todo]
+    write_generations(out, todo, generations, teacher, json.dumps(sampling, sort_keys=True), model_fingerprint)
+    n_new = sum(g.output_tokens for g in generated)
     stats = {
         "backend": backend,
-        "shard": shard,
-        "pairs": len(pairs),
+        "range": [todo[0].index, todo[-1].index + 1],
+        "pairs": len(todo),
         "errors": sum(g.finish_reason == "error" for g in generations),
+        "finish_reasons": {r: sum(g.finish_reason == r for g in generations) for r in FINISH_REASONS},
+        "prompt_tokens": sum(g.prompt_tokens for g in generations),
+        "output_tokens": sum(g.output_tokens for g in generations),
+    }
+    measured = {
         "retries": 0,
         "malformed": 0,
-        "finish_reasons": {r: sum(g.finish_reason == r for g in generations) for r in ("stop", "length", "error")},
-        "output_tokens": n_out,
+        **{k: v for k, v in extra.items() if k != "errors"},
         "wall_s": round(wall, 3),
-        "output_tokens_per_s": round(n_out / wall, 2) if wall > 0 else None,
-        **extra,
+        "generated_pairs": len(remaining),
+        "resumed_pairs": len(todo) - len(remaining),
+        "output_tokens_per_s": round(n_new / wall, 2) if wall > 0 and n_new else None,
     }
-    write_stats(out, stats)
+    write_stats(out, stats, measured)
+
+
+@generate_shard.configure
+def params(cfg: dict[str, Any], *, reviews: Artifact, pairs: tuple[int, int] | list[int]) -> dict[str, Any]:
+    """The stage's params for pair range `pairs` of `reviews` (the flow maps `shard_ranges`).
+
+    `{"reviews", "pairs": [first, last], "prompts", "teacher", "model_fingerprint", "backend_code",
+    "sampling"}`; the paths in `UNKEYED` stay out of the key. Settings that only another backend
+    reads (base_url, vllm_args, batch_size) are blanked, so they cannot re-key this one.
+    """
+    teacher = dict(cfg["teacher"])
+    backend = _check_backend(teacher.get("backend"))
+    for setting, (used_by, blank) in _BACKEND_ONLY.items():
+        if used_by != backend and setting in teacher:
+            teacher[setting] = blank
+    first, last = _pair_range(list(pairs))
+    return {
+        "reviews": reviews,
+        "pairs": [first, last],
+        "prompts": cfg["prompts"],
+        "teacher": teacher,
+        "model_fingerprint": fingerprint(str(teacher["model"])),
+        "backend_code": code_version([BACKENDS[backend]]),
+        "sampling": sampling_settings(teacher),
+    }

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fsa_distill.tasks.generate import count_shards, generate_shard
+from fsa_distill.tasks.generate import generate_shard
 from fsa_distill.tasks.teachers import hf
 from prefect import flow
 from prefect_dask import DaskTaskRunner
@@ -18,7 +18,7 @@ from prefect_dask import DaskTaskRunner
 from fsa_distill import ROOT
 from fsa_distill.artifacts import MANIFEST, Artifact
 from fsa_distill.llm import SMOLLM2, resolve_model
-from tests.test_generate import PROMPTS, all_rows, reviews_artifact, teacher, yelp_rows
+from tests.test_generate import PROMPTS, all_rows, ranges, reviews_artifact, shard_params, teacher, yelp_rows
 
 pytestmark = pytest.mark.slow
 
@@ -35,9 +35,9 @@ from fsa_distill.artifacts import Artifact
 from fsa_distill.tasks.generate import generate_shard
 job = json.load(open(sys.argv[1]))
 reviews = Artifact(**job["reviews"])
-for k in range(job["shards"]):
-    params = {"reviews": reviews, "shard": k, "prompts": job["prompts"], "teacher": job["teacher"]}
-    generate_shard.run(job["store"], params)
+cfg = {"prompts": job["prompts"], "teacher": job["teacher"]}
+for k, pairs in enumerate(job["ranges"]):
+    generate_shard.run(job["store"], generate_shard.params(cfg, reviews=reviews, pairs=pairs))
     print("done", k, flush=True)
 """
 
@@ -50,12 +50,15 @@ def test_killed_run_resumes_with_only_the_missing_shards(tmp_path, smollm2, monk
     rows = yelp_rows(5)
     art = reviews_artifact(tmp_path / "reviews", rows)
     cfg = teacher(smollm2, shard_size=2, max_new_tokens=24, max_reviews=4)
-    n = count_shards(Path(art.path) / "reviews.parquet", PROMPTS, cfg)
+    layout = ranges(art, cfg)
+    n = len(layout)
     assert n == 4
     store = tmp_path / "store"
     job = tmp_path / "job.json"
     job.write_text(
-        json.dumps({"store": str(store), "reviews": art.model_dump(), "prompts": PROMPTS, "teacher": cfg, "shards": n})
+        json.dumps(
+            {"store": str(store), "reviews": art.model_dump(), "prompts": PROMPTS, "teacher": cfg, "ranges": layout}
+        )
     )
     script = tmp_path / "run_shards.py"
     script.write_text(RUN_SHARDS)
@@ -73,7 +76,7 @@ def test_killed_run_resumes_with_only_the_missing_shards(tmp_path, smollm2, monk
     assert proc.returncode == -9
 
     def params(k: int) -> dict:
-        return {"reviews": art, "shard": k, "prompts": PROMPTS, "teacher": cfg}
+        return shard_params(art, layout[k], cfg)
 
     done = {k: generate_shard.cached(store, params(k)) for k in range(n)}
     finished = sorted(k for k, a in done.items() if a is not None)
@@ -98,17 +101,13 @@ def test_killed_run_resumes_with_only_the_missing_shards(tmp_path, smollm2, monk
 
 
 @flow
-def _sharded(store: str, reviews: Artifact, teacher_cfg: dict, n: int) -> list[Artifact]:
+def _sharded(store: str, reviews: Artifact, teacher_cfg: dict, layout: list[tuple[int, int]]) -> list[Artifact]:
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
+    cfg = {"teacher": teacher_cfg, "prompts": PROMPTS}
     with runner:
         futures = [
-            generate_shard.submit(
-                runner,
-                store,
-                {"reviews": reviews, "shard": k, "prompts": PROMPTS, "teacher": teacher_cfg},
-                label=str(k),
-            )
-            for k in range(n)
+            generate_shard.submit_for(runner, store, cfg, label=f"{first}-{last}", reviews=reviews, pairs=(first, last))
+            for first, last in layout
         ]
         return [f.result() for f in futures]
 
@@ -118,17 +117,14 @@ def test_dask_flow_maps_shards_over_worker_processes(tmp_path, smollm2):
     rows = yelp_rows(3)
     art = reviews_artifact(tmp_path / "reviews", rows)
     cfg = teacher(smollm2, shard_size=2, max_new_tokens=8)
-    n = count_shards(Path(art.path) / "reviews.parquet", PROMPTS, cfg)
-    assert n == 3
+    layout = ranges(art, cfg)
+    assert layout == [(0, 2), (2, 4), (4, 6)]
     began = time.perf_counter()
-    results = _sharded(str(tmp_path / "store"), art, cfg, n)
-    assert [
-        generate_shard.cached(tmp_path / "store", {"reviews": art, "shard": k, "prompts": PROMPTS, "teacher": cfg})
-        for k in range(n)
-    ] == results
+    results = _sharded(str(tmp_path / "store"), art, cfg, layout)
+    assert [generate_shard.cached(tmp_path / "store", shard_params(art, r, cfg)) for r in layout] == results
     union = [(r["review_id"], r["prompt"]) for r in all_rows(results)]
     assert union == expected_pairs(rows, 3)
     assert all(r["finish_reason"] in ("stop", "length") and r["output"] for r in all_rows(results))
     # a second flow run is served from the cache: same artifacts, nothing regenerated
-    again = _sharded(str(tmp_path / "store"), art, cfg, n)
+    again = _sharded(str(tmp_path / "store"), art, cfg, layout)
     assert again == results, time.perf_counter() - began

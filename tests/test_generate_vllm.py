@@ -5,6 +5,7 @@ Skipped when that environment is absent (create it with scripts/setup_vllm_env.s
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from fsa_distill.tasks.generate import GENERATIONS, generate_shard, read_generat
 from fsa_distill.tasks.teachers.vllm import VllmWorkerError
 
 from fsa_distill import ROOT
+from fsa_distill.artifacts import MEASURED
 from fsa_distill.llm import SMOLLM2, load_tokenizer, resolve_model
-from tests.test_generate import PROMPTS, reviews_artifact, teacher, yelp_rows
+from tests.test_generate import PROMPTS, reviews_artifact, shard_params, teacher, yelp_rows
 
 
 def vllm_python() -> str | None:
@@ -41,7 +43,7 @@ def test_vllm_offline_shard(tmp_path, smollm2):
     rows = yelp_rows(3)
     art = reviews_artifact(tmp_path / "reviews", rows)
     cfg = teacher(SMOLLM2, backend="vllm", name="smollm2-vllm", python=VLLM_PYTHON, shard_size=6)
-    out = generate_shard.run(tmp_path / "store", {"reviews": art, "shard": 0, "prompts": PROMPTS, "teacher": cfg})
+    out = generate_shard.run(tmp_path / "store", shard_params(art, (0, 6), cfg))
     table = read_generations(out.path)
     assert table.schema.equals(GENERATIONS)
     got = table.to_pylist()
@@ -58,10 +60,14 @@ def test_vllm_offline_shard(tmp_path, smollm2):
         assert row["output"] and 0 < row["output_tokens"] <= 16 and row["model"] == SMOLLM2
         assert row["finish_reason"] == "length" if row["output_tokens"] == 16 else row["finish_reason"] == "stop"
     assert all(r["finish_reason"] == "stop" for r in got if r["prompt"] == "polarity")
+    timing = json.loads((Path(out.path) / MEASURED / "timing.json").read_text())
+    assert timing["worker"]["generate_s"] > 0 and "worker" not in json.loads(
+        (Path(out.path) / "stats.json").read_text()
+    )
 
 
 def test_vllm_worker_failure_carries_its_log(tmp_path, smollm2):
     art = reviews_artifact(tmp_path / "reviews", yelp_rows(1))
     cfg = teacher(smollm2, backend="vllm", python=VLLM_PYTHON, vllm_args={"no_such_engine_arg": 1})
     with pytest.raises(VllmWorkerError, match=r"(?s)exited with code 1.*no_such_engine_arg"):
-        generate_shard.run(tmp_path / "store", {"reviews": art, "shard": 0, "prompts": PROMPTS, "teacher": cfg})
+        generate_shard.run(tmp_path / "store", shard_params(art, (0, 2), cfg))

@@ -1,32 +1,58 @@
 """The `openai` backend: any OpenAI-compatible `/v1/chat/completions` server (vllm serve, OpenAI, ...).
 
-Requests run concurrently (at most `teacher.concurrency` in flight), each with a timeout. 429,
-5xx, timeouts and dropped connections are retried with exponential backoff and jitter; when a
-pair still fails after `max_retries` retries the shard fails with a `TransientError`, so Prefect
-retries it later instead of caching a shard of failures. A malformed reply (bad JSON, no
-choices) is retried too and then recorded with finish_reason "error". The API key is read from
-the environment variable named by `teacher.api_key_env`; it is never put into params, logs,
-artifacts or exception messages.
+Requests run concurrently (at most `teacher.concurrency` in flight), each with a timeout.
+Transient failures (HTTP 408, 409, 425, 429, 5xx, timeouts, dropped connections) are retried with
+exponential backoff and jitter, waiting at least as long as the server's `Retry-After` (seconds
+or an HTTP date), for as long as the pair's retry budget allows (`teacher.retry_budget_s`: the
+total seconds one pair may wait between its attempts); past it the shard fails with a
+`TransientError`, so Prefect retries it later instead of caching a shard of failures. Every
+finished pair is reported to `done` as it finishes: the generate stage checkpoints it, so a
+retried shard sends only the pairs not yet answered. A malformed reply (bad JSON, no choices) is
+retried up to `teacher.max_retries` times and then recorded with finish_reason "error". The API
+key is read from the environment variable named by `teacher.api_key_env`; it is never put into
+params, logs, artifacts or exception messages, and URLs in messages are redacted
+(`fsa_distill.redact`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import os
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 from fsa_distill.tasks.teachers.common import Generation, Pair, sha256_text
 
 from fsa_distill.errors import InputError, TransientError
+from fsa_distill.redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
+
+
+class _RedactURLs(logging.Filter):
+    """Redact URLs in httpx's own request log ("HTTP Request: POST <url> ..."): it prints the full URL."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact_text(record.getMessage()), None
+        return True
+
+
+if not any(isinstance(f, _RedactURLs) for f in logging.getLogger("httpx").filters):
+    logging.getLogger("httpx").addFilter(_RedactURLs())
+#: Each pair's request is independent (its own seed): finished pairs can be checkpointed and skipped on resume.
+PAIRWISE = True
 MAX_BACKOFF_S = 30.0
+DEFAULT_RETRY_BUDGET_S = 120.0
+#: Statuses another attempt may fix: request timeout, conflict, too early, rate limit (and every 5xx).
+TRANSIENT = {408, 409, 425, 429}
 #: Statuses that mean this request (not the configuration) was refused: recorded as an error.
 REJECTED = {400, 413, 422}
 #: Statuses that mean the configuration is wrong (key, URL, model name): fail at once.
@@ -53,7 +79,8 @@ def api_key(teacher: dict[str, Any]) -> str | None:
 
 
 def scrub(text: str, key: str | None) -> str:
-    """Remove the key from a message that may echo a request (belt and braces)."""
+    """Remove the key and URL credentials from a message that may echo a request (belt and braces)."""
+    text = redact_text(text)
     return text.replace(key, "***") if key else text
 
 
@@ -91,22 +118,45 @@ def parse_reply(payload: Any) -> tuple[str, str, int | None, int | None]:
 
 
 def backoff(attempt: int, base_s: float, retry_after: float | None) -> float:
-    """Exponential backoff with full jitter; a server's Retry-After is a floor (capped)."""
+    """Exponential backoff with jitter (capped at MAX_BACKOFF_S); a server's Retry-After is a floor.
+
+    Retry-After is not capped here: the retry budget decides whether waiting that long is allowed.
+    """
     delay = random.uniform(0.5, 1.0) * min(MAX_BACKOFF_S, base_s * 2**attempt)
-    return max(delay, min(retry_after or 0.0, MAX_BACKOFF_S))
+    return max(delay, retry_after or 0.0)
+
+
+def retry_after_s(value: str | None, now: datetime | None = None) -> float | None:
+    """A Retry-After header in seconds: delta-seconds, or an HTTP date (RFC 9110 10.2.3); else None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # HTTP dates are GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 class Client:
     """Sends a shard's requests with bounded concurrency and counts what went wrong."""
 
-    def __init__(self, teacher: dict[str, Any]) -> None:
+    def __init__(self, teacher: dict[str, Any], done: Callable[[Pair, Generation], None] | None = None) -> None:
         if not teacher.get("base_url"):
             raise InputError(
                 "teacher.base_url is not set (the OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1)"
             )
         self.teacher = teacher
+        self.url = redact_url(teacher["base_url"])  # for messages
         self.key = api_key(teacher)
         self.stats: Counter[str] = Counter()
+        self.done = done
 
     async def run(self, pairs: list[Pair]) -> list[Generation]:
         """Every pair's generation, in order."""
@@ -126,17 +176,24 @@ class Client:
         return [t.result() for t in tasks]
 
     async def one(self, http: httpx.AsyncClient, semaphore: asyncio.Semaphore, pair: Pair) -> Generation:
-        """One pair with retries."""
+        """One pair with retries; reported to `done` once it has its final answer."""
+        generation = await self._one(http, semaphore, pair)
+        if self.done is not None:
+            self.done(pair, generation)
+        return generation
+
+    async def _one(self, http: httpx.AsyncClient, semaphore: asyncio.Semaphore, pair: Pair) -> Generation:
         body = request_body(pair, self.teacher)
         digest = sha256_text(json.dumps(body["messages"], ensure_ascii=False, sort_keys=True))
-        retries = int(self.teacher["max_retries"])
+        max_malformed = int(self.teacher["max_retries"])
         base_s = float(self.teacher.get("backoff_s", 0.5))
+        budget = self.teacher.get("retry_budget_s")
+        budget_s = DEFAULT_RETRY_BUDGET_S if budget is None else float(budget)
         self.stats["requests"] += 1
-        last: _Retry | None = None
-        for attempt in range(retries + 1):
-            if attempt:
-                self.stats["retries"] += 1
-                await asyncio.sleep(backoff(attempt - 1, base_s, last.retry_after if last else None))
+        waited = 0.0  # seconds slept before retries: queueing behind other pairs does not count
+        malformed = 0
+        attempt = 0
+        while True:
             try:
                 async with semaphore:
                     began = time.perf_counter()
@@ -144,7 +201,30 @@ class Client:
                     latency = time.perf_counter() - began
             except _Retry as exc:
                 self.stats[exc.kind] += 1
-                last = exc
+                if exc.kind == "malformed":
+                    malformed += 1
+                    if malformed > max_malformed:  # the server answers, just not usefully for this pair
+                        self.stats["errors"] += 1
+                        log.warning(
+                            "pair %d (review %s): malformed reply after %d attempts",
+                            pair.index,
+                            pair.review_id,
+                            malformed,
+                        )
+                        return Generation(digest, "", "error", 0, 0, 0.0)
+                delay = backoff(attempt, base_s, exc.retry_after)
+                if waited + delay > budget_s:
+                    raise TransientError(
+                        f"{self.url}: request for pair {pair.index} failed {attempt + 1} times, {waited:.1f} s waited "
+                        f"(retry budget {budget_s:g} s"
+                        + (f", server asked to wait {exc.retry_after:g} s" if exc.retry_after else "")
+                        + "); last: "
+                        + scrub(str(exc), self.key)
+                    ) from None
+                self.stats["retries"] += 1
+                attempt += 1
+                waited += delay
+                await asyncio.sleep(delay)
                 continue
             except _Rejected as exc:
                 self.stats["errors"] += 1
@@ -154,17 +234,6 @@ class Client:
             if reason == "error":
                 self.stats["errors"] += 1
             return Generation(digest, text.strip(), reason, n_in or 0, n_out or 0, latency)
-        assert last is not None
-        if last.kind == "malformed":  # the server answers, just not usefully for this pair: record it
-            self.stats["errors"] += 1
-            log.warning(
-                "pair %d (review %s): malformed reply after %d attempts", pair.index, pair.review_id, retries + 1
-            )
-            return Generation(digest, "", "error", 0, 0, 0.0)
-        raise TransientError(
-            f"{self.teacher['base_url']}: request for pair {pair.index} failed {retries + 1} times; last: "
-            + scrub(str(last), self.key)
-        )
 
     async def attempt(self, http: httpx.AsyncClient, body: dict[str, Any]) -> tuple[str, str, int | None, int | None]:
         """One HTTP round trip, classified: a reply, a `_Retry`, a `_Rejected` or a fatal `InputError`."""
@@ -175,13 +244,13 @@ class Client:
         except httpx.TransportError as exc:  # refused, reset, closed without a reply
             raise _Retry("disconnects", f"{type(exc).__name__}: {scrub(str(exc), self.key)}") from None
         status = response.status_code
-        if status == 429 or status >= 500:
+        if status in TRANSIENT or status >= 500:
             self.stats[f"http_{status}"] += 1
-            raise _Retry("http_errors", f"HTTP {status}", _retry_after(response))
+            raise _Retry("http_errors", f"HTTP {status}", retry_after_s(response.headers.get("retry-after")))
         if status in FATAL:
             what = "the API key" if status in (401, 403) else "the URL or model name"
             raise InputError(
-                f"teacher: {self.teacher['base_url']} answered HTTP {status}; check {what} "
+                f"teacher: {self.url} answered HTTP {status}; check {what} "
                 f"(key from ${self.teacher.get('api_key_env')}, model {self.teacher['model']!r})"
             )
         if status >= 400:
@@ -197,23 +266,20 @@ class _Rejected(Exception):
     """The server refused this one request (e.g. the prompt exceeds its context)."""
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    """The Retry-After header in seconds, if it is a number."""
-    try:
-        return float(response.headers.get("retry-after", ""))
-    except ValueError:
-        return None
-
-
 def _first(group: BaseExceptionGroup) -> BaseException:
     """The first leaf exception of a (nested) exception group."""
     first = group.exceptions[0]
     return _first(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-def generate(pairs: list[Pair], teacher: dict[str, Any]) -> tuple[list[Generation], dict[str, Any]]:
-    """Generate every pair through the server; returns generations and counts of what went wrong."""
-    client = Client(teacher)
+def generate(
+    pairs: list[Pair], teacher: dict[str, Any], done: Callable[[Pair, Generation], None] | None = None
+) -> tuple[list[Generation], dict[str, Any]]:
+    """Generate every pair through the server; returns generations and counts of what went wrong.
+
+    `done(pair, generation)` is called as each pair finishes (before the others): the stage's checkpoint.
+    """
+    client = Client(teacher, done)
     try:
         generations = asyncio.run(client.run(pairs))
     except ExceptionGroup as group:  # the TaskGroup wraps failures; surface the first cause plainly

@@ -23,13 +23,18 @@ VERSION = "released"
 
 
 def released_params(teacher: dict[str, Any], path: str | None = None) -> dict[str, Any]:
-    """Stage parameters for `import_released`: the file's content hash makes the cache key."""
+    """Stage parameters for `import_released` from the teacher settings alone (`import_released.params`).
+
+    The file's content hash is keyed, its path is not (`unkeyed`); of the teacher, only what the
+    output records is passed: its label and model name, the answer's field and the review cap.
+    """
     path = path or teacher.get("released_path")
     if not path:
         raise InputError("teacher.released_path is not set")
     if not Path(path).is_file():
         raise InputError(f"teacher.released_path: {path} does not exist")
-    return {"path": str(path), "fingerprint": sha256_file(path), "teacher": teacher}
+    kept = {k: teacher.get(k) for k in ("name", "model", "released_field", "max_reviews")}
+    return {"path": str(path), "fingerprint": sha256_file(path), "teacher": kept}
 
 
 def infer_prompt(output: str) -> str:
@@ -70,7 +75,7 @@ def read_released(path: Path, field: str, limit: int | None = None) -> list[dict
     return records
 
 
-@stage("released", code=("fsa_distill.tasks.teachers.common",), unkeyed={"path": None})
+@stage("released", unkeyed=("path",))
 def import_released(out: Path, *, path: str, fingerprint: str, teacher: dict[str, Any]) -> None:
     """Write `generations.parquet` and `stats.json` from a released-outputs file."""
     source = Path(path)
@@ -92,6 +97,12 @@ def import_released(out: Path, *, path: str, fingerprint: str, teacher: dict[str
                 sha256_text(r["review"]), r["output"], "stop", len(r["review"].split()), len(r["output"].split()), 0.0
             )
         )
-    write_generations(out, pairs, generations, teacher, json.dumps({"released": True}))
+    write_generations(out, pairs, generations, teacher, json.dumps({"released": True}), str(teacher["model"]))
     counts = {p: sum(q.prompt == p for q in pairs) for p in ("analysis", "rewriting")}
     write_stats(out, {"backend": "released", "pairs": len(pairs), "errors": 0, "prompts": counts})
+
+
+@import_released.configure
+def params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`{"path", "fingerprint", "teacher": {name, model, released_field, max_reviews}}`; `path` is unkeyed."""
+    return released_params(cfg["teacher"])

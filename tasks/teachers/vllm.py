@@ -19,6 +19,8 @@ from fsa_distill.tasks.teachers.common import Generation, Pair, apply_chat_templ
 from fsa_distill.errors import InputError
 from fsa_distill.llm import load_tokenizer, resolve_model
 
+#: The worker runs as a script by path, so no import shows it: declared for the code version (codehash).
+__code_deps__ = ("fsa_distill.tasks.vllm_worker",)
 WORKER = Path(__file__).resolve().parents[1] / "vllm_worker.py"
 LOG_TAIL = 4000
 
