@@ -9,7 +9,11 @@ reviews -> generate (per shard) -> clean -> pretrain (per objective) ───�
 
 from __future__ import annotations
 
+import contextvars
 import json
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +24,20 @@ from fsa_distill.tasks.acquire import acquire
 from fsa_distill.tasks.clean import clean
 from fsa_distill.tasks.evaluate import evaluate, read_metrics
 from fsa_distill.tasks.finetune import finetune
-from fsa_distill.tasks.generate import count_shards, generate_shard, import_released, released_params
+from fsa_distill.tasks.generate import generate_shard, import_released, shard_ranges
 from fsa_distill.tasks.pretrain import pretrain
 from fsa_distill.tasks.report import report
-from fsa_distill.tasks.reviews import reviews, source_fingerprints
+from fsa_distill.tasks.reviews import reviews
+from fsa_distill.tasks.stage import Stage
 from fsa_distill.tasks.student import init_student
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fsa_distill.artifacts import Artifact, fingerprint
+from fsa_distill.artifacts import Artifact
 from fsa_distill.config import compose_config, seeds
+from fsa_distill.models import read_log
+from fsa_distill.redact import redact_config
 
 
 def make_runner(runner: dict[str, Any]) -> Any:
@@ -68,9 +75,9 @@ def fsa_distill(overrides: list[str] | None = None, config: dict[str, Any] | Non
     )
     ok = False
     try:
-        tracker.client.log_text(parent, yaml.safe_dump(cfg, sort_keys=False), "config.yaml")
+        tracker.client.log_text(parent, yaml.safe_dump(redact_config(cfg), sort_keys=False), "config.yaml")
         with make_runner(cfg["runner"]) as runner:
-            result = _stages(cfg, runner, store, tracker, parent)
+            result = Wiring(cfg, runner, store).run(tracker, parent)
         ok = True
         logger.info("MLflow parent run %s; report in %s", parent, result["report"])
         return result
@@ -78,131 +85,140 @@ def fsa_distill(overrides: list[str] | None = None, config: dict[str, Any] | Non
         tracker.end(parent, ok)
 
 
-def _stages(cfg: dict[str, Any], runner: Any, store: Path, tracker: Tracker, parent: str) -> dict[str, Any]:
-    data_cfg, student_cfg = cfg["data"], cfg["student"]
-    datasets = data_cfg["datasets"]
-    acquired = {
-        name: acquire.submit(
-            runner,
-            store,
-            {
-                "dataset": name,
-                "source": data_cfg["source"],
-                "limit": data_cfg["limit"],
-                "timeout_s": data_cfg["timeout_s"],
-            },
-            label=get_spec(name).slug,
-        )
-        for name in datasets
-    }
-    data = {name: future.result() for name, future in acquired.items()}
-    if student_cfg["pretrained"]:  # a checkpoint: keyed by its name and, for a local folder, its content
-        student_params = {"student": {"name": student_cfg["name"], "pretrained": student_cfg["pretrained"]},
-                          "datasets": [], "fingerprint": fingerprint(student_cfg["pretrained"])}  # fmt: skip
-    else:  # built from the config, with a tokenizer trained on the run's text
-        student_params = {"student": student_cfg, "datasets": [data[d] for d in datasets], "fingerprint": ""}
-    student = init_student.submit(runner, store, student_params, label=student_cfg["name"]).result()
+class _Cancelled(Exception):
+    """Another branch of the DAG failed: work not yet submitted is not started."""
 
-    # The arms compared in the report: the student as initialised, then one per pretraining objective.
-    arms: dict[str, Artifact] = {"baseline": student}
-    corpus = None
-    if cfg["distill"]["enabled"]:
-        corpus = _distillation_corpus(cfg, runner, store, tracker, parent, [data[d] for d in datasets])
-        # The list of objectives is not part of an arm's recipe: dropping one arm must not retrain the other.
-        pt_cfg = {k: v for k, v in cfg["pretrain"].items() if k != "objectives"}
-        pretrained = {
-            objective: pretrain.submit(
-                runner,
-                store,
-                {"student": student, "corpus": corpus, "objective": objective, "pretrain": pt_cfg},
-                label=objective,
-            )
-            for objective in cfg["pretrain"]["objectives"]
+
+class Wiring:
+    """Submits each stage as soon as its inputs exist; flows only wire, stages own their params.
+
+    Every branch of the DAG (a dataset's acquisition, the teacher corpus, one fine-tuning and its
+    evaluation) runs in a driver thread that waits only for its own inputs. Slots, not locks in
+    worker threads, decide what is submitted: at most `runner.workers` stages in flight, trainings
+    one at a time with the thread runner (transformers' Trainer state is per process) and one per
+    worker with Dask, and teacher generation on at most `workers - 1` of them, so a baseline
+    fine-tuning starts while the teacher is still generating. A worker thread never waits on a lock
+    while runnable work waits behind it.
+    """
+
+    def __init__(self, cfg: dict[str, Any], runner: Any, store: Path) -> None:
+        self.cfg, self.runner, self.store = cfg, runner, store
+        workers = max(1, int(cfg["runner"]["workers"]))
+        self.slots = threading.BoundedSemaphore(workers)
+        self.train_slots = threading.BoundedSemaphore(workers if cfg["runner"]["kind"] == "dask" else 1)
+        self.generate_slots = threading.BoundedSemaphore(max(1, workers - 1))
+        self.failed = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="fsa-dag")
+
+    def spawn(self, fn: Any, *args: Any) -> Future:
+        """Run a DAG branch in a driver thread that sees the flow run's context."""
+        ctx = contextvars.copy_context()
+
+        def guarded() -> Any:
+            try:
+                return ctx.run(fn, *args)
+            except BaseException:
+                self.failed.set()
+                raise
+
+        return self.pool.submit(guarded)
+
+    def call(self, stage: Stage, label: str, lane: threading.Semaphore | None = None, **inputs: Any) -> Artifact:
+        """Submit one stage when a slot (and its lane's slot) is free; its output, bound to the store."""
+        params = stage.params(self.cfg, **inputs)
+        with lane or nullcontext(), self.slots:
+            if self.failed.is_set():
+                raise _Cancelled(f"{stage.name}[{label}] not started: another stage failed")
+            artifact = stage.submit(self.runner, self.store, params, label=label).result()
+        return artifact.at(self.store)
+
+    def run(self, tracker: Tracker, parent: str) -> dict[str, Any]:
+        """Wire the whole DAG, wait for it, then track and report."""
+        try:
+            return self._run(tracker, parent)
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _run(self, tracker: Tracker, parent: str) -> dict[str, Any]:
+        cfg = self.cfg
+        datasets = cfg["data"]["datasets"]
+        acquired = {d: self.spawn(lambda d=d: self.call(acquire, get_spec(d).slug, dataset=d)) for d in datasets}
+
+        def data() -> list[Artifact]:
+            return [acquired[d].result() for d in datasets]
+
+        student = self.spawn(lambda: self.call(init_student, cfg["student"]["name"], datasets=data()))
+        arms: dict[str, Future] = {"baseline": student}
+        corpus: Future | None = None
+        if cfg["distill"]["enabled"]:
+            corpus = self.spawn(self._corpus, data)
+            for objective in cfg["pretrain"]["objectives"]:
+                arms[objective] = self.spawn(self._pretrain, student, corpus, objective)
+        runs = [(arm, name, seed) for arm in arms for name in datasets for seed in seeds(cfg)]
+        jobs = {run: self.spawn(self._finetune_and_evaluate, arms[run[0]], acquired[run[1]], *run) for run in runs}
+        done = {run: job.result() for run, job in jobs.items()}  # re-raises the first failure
+        built = corpus.result() if corpus is not None else None
+        arm_models = {arm: future.result() for arm, future in arms.items()}
+
+        if built is not None:
+            _track_corpus(cfg, tracker, parent, built["generations"], built["corpus"])
+            if built.get("reviews") is not None:
+                _track_reviews(tracker, parent, built["reviews"])
+        for objective in cfg["pretrain"]["objectives"] if built is not None else []:
+            _track_pretrain(cfg, tracker, parent, objective, arm_models[objective])
+        results = [
+            {"student": arm, "dataset": name, "seed": seed, "evaluation": done[(arm, name, seed)][1]}
+            for arm, name, seed in runs
+        ]
+        summary_art = self.call(report, "summary", results=results, corpus=built["corpus"] if built else None)
+        for run in runs:
+            _track_child(cfg, tracker, parent, *run, *done[run])
+        _track_report(tracker, parent, Path(summary_art.path))
+        return {
+            "parent_run_id": parent,
+            "report": summary_art.path,
+            "evaluations": {_label(*run): done[run][1].path for run in runs},
+            "arms": {arm: art.path for arm, art in arm_models.items()},
         }
-        for objective, future in pretrained.items():
-            arms[objective] = future.result()
-            _track_pretrain(cfg, tracker, parent, objective, arms[objective])
 
-    ft_cfg = {k: v for k, v in cfg["finetune"].items() if k not in ("seeds", "seed")}
-    generation = {k: cfg["evaluate"][k] for k in ("max_new_tokens", "num_beams")}
-    runs = [(arm, name, seed) for arm in arms for name in datasets for seed in seeds(cfg)]
-    tuned = {
-        run: finetune.submit(
-            runner,
-            store,
-            {
-                "data": data[run[1]],
-                "student": arms[run[0]],
-                "seed": run[2],
-                "finetune": ft_cfg,
-                "generation": generation,
-            },
-            label=_label(*run),
-        )
-        for run in runs
-    }
-    models, evaluated = {}, {}
-    for run in runs:  # each evaluation starts as soon as its model is ready
-        models[run] = tuned[run].result()
-        evaluated[run] = evaluate.submit(
-            runner,
-            store,
-            {"model": models[run], "data": data[run[1]], "evaluate": cfg["evaluate"]},
-            label=_label(*run),
-        )
-    evaluations = {run: future.result() for run, future in evaluated.items()}
+    def _pretrain(self, student: Future, corpus: Future, objective: str) -> Artifact:
+        return self.call(
+            pretrain, objective, self.train_slots, student=student.result(), corpus=corpus.result()["corpus"],
+            objective=objective,
+        )  # fmt: skip
 
-    results = [
-        {"student": arm, "dataset": name, "seed": seed, "evaluation": evaluations[(arm, name, seed)]}
-        for arm, name, seed in runs
-    ]
-    summary_art = report.submit(runner, store, {"results": results, "corpus": corpus}, label="summary").result()
+    def _finetune_and_evaluate(
+        self, arm_model: Future, data: Future, arm: str, name: str, seed: int
+    ) -> tuple[Artifact, Artifact]:
+        label = _label(arm, name, seed)
+        model = self.call(finetune, label, self.train_slots, data=data.result(), student=arm_model.result(), seed=seed)
+        evaluation = self.call(evaluate, label, model=model, data=data.result())
+        return model, evaluation
 
-    for run in runs:
-        _track_child(cfg, tracker, parent, *run, models[run], evaluations[run])
-    _track_report(tracker, parent, Path(summary_art.path))
-    return {
-        "parent_run_id": parent,
-        "report": summary_art.path,
-        "evaluations": {_label(*run): evaluations[run].path for run in runs},
-        "arms": {arm: art.path for arm, art in arms.items()},
-    }
+    def _corpus(self, data: Any) -> dict[str, Any]:
+        """reviews -> teacher generation (sharded) -> clean, or the released outputs -> clean."""
+        cfg, teacher = self.cfg, self.cfg["teacher"]
+        raw = None
+        if teacher["backend"] == "released":
+            generations = [self.call(import_released, teacher["name"])]
+        else:
+            raw = self.call(reviews, "mirror")
+            ranges = shard_ranges(Path(raw.path) / "reviews.parquet", cfg["prompts"], teacher)
+            shards = [
+                self.spawn(
+                    lambda k=k, r=r: self.call(
+                        generate_shard, f"{teacher['name']}-{k}", self.generate_slots, reviews=raw, pairs=r
+                    )
+                )
+                for k, r in enumerate(ranges)
+            ]
+            generations = [future.result() for future in shards]
+        corpus = self.call(clean, "corpus", generations=generations, datasets=data())
+        return {"corpus": corpus, "generations": generations, "reviews": raw}
 
 
 def _label(arm: str, dataset: str, seed: int) -> str:
     return f"{arm}-{get_spec(dataset).slug}-{seed}"
-
-
-def _distillation_corpus(
-    cfg: dict[str, Any], runner: Any, store: Path, tracker: Tracker, parent: str, benchmark: list[Artifact]
-) -> Artifact:
-    """reviews -> teacher generation (sharded) -> clean, or the released outputs -> clean."""
-    teacher = cfg["teacher"]
-    if teacher["backend"] == "released":
-        generations = [import_released.submit(runner, store, released_params(teacher), label=teacher["name"]).result()]
-    else:
-        reviews_cfg = cfg["reviews"]
-        raw = reviews.submit(
-            runner, store, {"reviews": reviews_cfg, "fingerprints": source_fingerprints(reviews_cfg)}, label="mirror"
-        ).result()
-        model_print = fingerprint(teacher["model"])
-        n_shards = count_shards(Path(raw.path) / "reviews.parquet", cfg["prompts"], teacher)
-        shards = [
-            generate_shard.submit(
-                runner,
-                store,
-                {"reviews": raw, "shard": k, "prompts": cfg["prompts"], "teacher": teacher, "fingerprint": model_print},
-                label=f"{teacher['name']}-{k}",
-            )
-            for k in range(n_shards)
-        ]
-        generations = [future.result() for future in shards]
-        _track_reviews(tracker, parent, raw)
-    corpus = clean.submit(
-        runner, store, {"generations": generations, "benchmark": benchmark, "clean": cfg["clean"]}, label="corpus"
-    ).result()
-    _track_corpus(cfg, tracker, parent, generations, corpus)
-    return corpus
 
 
 def _track_child(
@@ -218,8 +234,8 @@ def _track_child(
         parent=parent,
     ) as child:
         model_dir, ev_dir = Path(model.path), Path(ev.path)
-        tracker.history(child, json.loads((model_dir / "train_log.json").read_text()))
-        dev = json.loads((model_dir / "dev_metrics.json").read_text())
+        tracker.history(child, read_log(model_dir, "train_log.json"))
+        dev = read_log(model_dir, "dev_metrics.json")
         tracker.metrics(child, {f"dev_best_{k}": v for k, v in numeric(dev).items()})
         test = read_metrics(ev_dir)
         tracker.metrics(
@@ -286,6 +302,9 @@ def generation_totals(generations: list[Artifact]) -> dict[str, float]:
         if not path.is_file():  # imported (released) outputs have no generation statistics
             continue
         stats = json.loads(path.read_text())
+        timing = Path(art.path) / "measured" / "timing.json"  # wall time: a measurement, outside the content
+        if timing.is_file():
+            stats = {**stats, **json.loads(timing.read_text())}
         for key in ("pairs", "output_tokens", "wall_s", "errors", "retries", "malformed"):
             totals[key] = totals.get(key, 0.0) + float(stats.get(key) or 0)
         for reason, n in stats.get("finish_reasons", {}).items():
@@ -297,7 +316,7 @@ def generation_totals(generations: list[Artifact]) -> dict[str, float]:
 
 def _track_pretrain(cfg: dict[str, Any], tracker: Tracker, parent: str, objective: str, model: Artifact) -> None:
     """A child run per pretraining arm with its loss curve."""
-    log = json.loads((Path(model.path) / "pretrain_log.json").read_text())
+    log = read_log(model.path, "pretrain_log.json")
     with tracker.child(
         f"pretrain-{objective}",
         {"objective": objective, **flatten("pretrain", cfg["pretrain"])},

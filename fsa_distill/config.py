@@ -170,7 +170,7 @@ class TeacherConfig:
 
 @dataclass
 class CleanConfig:
-    """Corpus cleaning rules and their parameters (tasks/clean.py applies them in the order of RULES)."""
+    """Corpus cleaning rules and their parameters (tasks/clean/rules.py applies them in the order of RULES)."""
 
     min_chars: int = 20  # bounds on the cleaned output, in characters
     max_chars: int = 4000

@@ -24,10 +24,13 @@ def _run(overrides):
     return state.result(), state.state_details.flow_run_id
 
 
-def _task_states(flow_run_id) -> dict[str, str]:
+def _task_runs(flow_run_id) -> list:
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name: run.state.name for run in runs}
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    return {run.name: run.state.name for run in _task_runs(flow_run_id)}
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +104,18 @@ def test_deleted_artifact_is_recomputed(first_run):
     recomputed = [name for name, state in states.items() if state != "Cached"]
     assert len(recomputed) == 1 and recomputed[0].startswith("evaluate[")
     assert (victim / "predictions.parquet").is_file()
+
+
+def test_moved_workdir_rerun_is_fully_cached_and_reads_only_the_new_location(tmp_path):
+    old, new = tmp_path / "fsa-work", tmp_path / "fsa-moved"
+    _run(shrunk(old))
+    shutil.move(old, new)
+    result, run_id = _run(shrunk(new))
+    states = _task_states(run_id)
+    assert states and set(states.values()) == {"Cached"}, states
+    assert not old.exists()  # nothing was read from, or recreated at, the old location
+    assert Path(result["report"]).is_relative_to(new)
+    client = MlflowClient(f"sqlite:///{new}/mlflow.db")
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.artifact_uri.startswith(new.as_uri())
+    assert {f.path for f in client.list_artifacts(parent.info.run_id)} >= {"config.yaml", "report"}

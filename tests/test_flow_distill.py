@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import shrunk_distill
-from tests.test_flow import _run, _task_states
+from tests.test_flow import _run, _task_runs, _task_states
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -81,3 +81,10 @@ def test_default_teacher_path_generates_cleans_and_pretrains(tmp_path):
     parent = client.get_run(result["parent_run_id"])
     (corpus,) = client.search_runs([parent.info.experiment_id], "tags.kind = 'corpus'")
     assert corpus.data.metrics["generation.pairs"] == 4 and corpus.data.metrics["generation.output_tokens"] > 0
+
+    # The DAG waits for nothing: baseline fine-tuning needs only the student, so it starts while
+    # the teacher is still generating (before, it waited for generation, cleaning and pretraining).
+    runs = _task_runs(run_id)
+    generation_end = max(r.end_time for r in runs if r.name.startswith("generate["))
+    baseline_start = min(r.start_time for r in runs if r.name.startswith("finetune[baseline-"))
+    assert baseline_start < generation_end

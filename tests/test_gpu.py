@@ -111,8 +111,9 @@ def test_teacher_generation_on_cuda(setup, tmp_path):
     review_art = Artifact(path=str(reviews), sha256=seal(reviews))
     teacher = {**cfg["teacher"], "model": str(folder), "max_reviews": 64, "shard_size": 128, "batch_size": 32,
                "max_new_tokens": 64}  # fmt: skip
-    out = generate_shard.run(store, {"reviews": review_art, "shard": 0, "prompts": cfg["prompts"], "teacher": teacher})
-    stats = json.loads((Path(out.path) / "stats.json").read_text())
+    params = generate_shard.params({**cfg, "teacher": teacher}, reviews=review_art, pairs=(0, 128))
+    out = generate_shard.run(store, params)
+    stats = json.loads((Path(out.path) / "measured" / "timing.json").read_text())
     rows = pq.read_table(Path(out.path) / "generations.parquet")
     assert rows.num_rows == 128 and stats["device"].startswith("cuda")
     print("cuda teacher generation:", stats)

@@ -60,7 +60,7 @@ def test_unkeyed_settings_do_not_change_the_key():
 
 def test_an_unkeyed_path_that_does_not_resolve_is_an_error():
     stage = Stage("t-typo", _seed, unkeyed=("cfg.retires",))
-    with pytest.raises(KeyError, match="cfg.retires"):
+    with pytest.raises(KeyError, match=r"cfg\.retires"):
         stage.key({"value": 1, "cfg": {"retries": 1}})
 
 
