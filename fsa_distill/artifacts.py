@@ -128,10 +128,27 @@ def fingerprint(model: str) -> str:
     """
     path = Path(model).expanduser()
     if path.is_dir():
-        return "sha256:" + tree_hash(file_hashes(path))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
+        return "sha256:" + tree_hash({p.relative_to(path).as_posix(): _stat_memo_sha256(p) for p in files})
     if path.is_file():
-        return "sha256:" + sha256_file(path)
+        return "sha256:" + _stat_memo_sha256(path)
     return model
+
+
+_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def _stat_memo_sha256(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) in this process.
+
+    The flow fingerprints the teacher once per shard: a paper-scale teacher is ~90 GB, so it is
+    read once per process, not once per shard. A replaced file has a new size or mtime.
+    """
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _MEMO:
+        _MEMO[key] = sha256_file(path)
+    return _MEMO[key]
 
 
 def canonical_json(value: Any) -> str:

@@ -154,3 +154,25 @@ def test_the_benchmark_mirror_location_is_not_in_the_key(cfg):
     assert acquire.key(acquire.params(cfg, dataset="atsa/rest14")) == acquire.key(
         acquire.params(moved, dataset="atsa/rest14")
     )
+
+
+def test_the_benchmark_imports_no_stage():
+    for module in ("protocol", "scoring", "specs"):
+        imported = codehash.closure([f"fsa_distill.benchmark.{module}"])
+        assert not [m for m in imported if m.startswith("fsa_distill.tasks")], module
+
+
+def test_every_package_folder_installs_under_the_project_namespace():
+    import tomllib
+
+    from fsa_distill import ROOT
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapping = setup["package-dir"]
+    assert all(name.startswith("fsa_distill") for name in setup["packages"])
+    found = set()
+    for name, folder in mapping.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((name, *rel)))
+    assert found == set(setup["packages"])  # a new sub-package that is not listed would not install
