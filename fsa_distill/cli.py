@@ -1,7 +1,7 @@
 """`fsa-distill`: run the flow (Hydra), score predictions, serve the flow as a Prefect deployment.
 
 fsa-distill run [-m] [OVERRIDE ...]     compose conf/ with overrides and run the flow
-fsa-distill score --dataset D --predictions FILE
+fsa-distill score [--task fsa|sentiment] --dataset D --predictions FILE [--source S] [OVERRIDE ...]
 fsa-distill serve [--name NAME] [OVERRIDE ...]
 """
 
@@ -40,23 +40,67 @@ def _run(argv: list[str]) -> int:
     return 0
 
 
+def _override_value(value: str) -> str:
+    """Quote a path for a Hydra override unless it is plainly safe, so odd characters cannot break parsing."""
+    import re
+
+    if re.fullmatch(r"[\w./~-]+", value):
+        return value
+    return "'" + value.replace("'", "\\'") + "'"
+
+
 def _score(argv: list[str]) -> int:
     from fsa_distill.benchmark.scoring import score_file
     from fsa_distill.errors import InputError
 
     parser = argparse.ArgumentParser(prog="fsa-distill score", description="Score a model's predictions.")
-    parser.add_argument("--dataset", required=True, help="atsa/rest14, atsa/laptop14, acsa/rest16 or acsa/laptop16")
+    parser.add_argument("--task", choices=("fsa", "sentiment"), default="fsa", help="benchmark (default: fsa)")
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="fsa: atsa/rest14, atsa/laptop14, acsa/rest16 or acsa/laptop16; "
+        "sentiment: sst2, imdb, yelp2, twitter or a key under sentiment.datasets",
+    )
     parser.add_argument("--predictions", required=True, help='JSON lines {"ID": ..., "prediction": "..."}')
-    parser.add_argument("--source", default=None, help="data source (default: FSA_DATA_SOURCE or data.source)")
+    parser.add_argument(
+        "--source",
+        default=None,
+        help="fsa: data source (default: FSA_DATA_SOURCE or data.source); "
+        "sentiment: the built-ins' folder (default: FSA_SENTIMENT_SOURCE or sentiment.source)",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. to select a sentiment config file")
     args = parser.parse_args(argv)
+    if args.task == "sentiment":
+        return _score_sentiment(args)
     source = args.source
     if source is None:
         from fsa_distill.config import compose_config
 
-        source = compose_config([])["data"]["source"]
+        source = compose_config(args.overrides)["data"]["source"]
     try:
         result = score_file(args.dataset, args.predictions, source)
     except (InputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _score_sentiment(args: argparse.Namespace) -> int:
+    """`score --task sentiment`: macro-F1 and accuracy of label-word predictions on a set's test split."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fsa_distill.benchmark.sentiment import get_dataset, score_sentiment_file
+    from fsa_distill.config import compose_config
+
+    overrides = list(args.overrides)
+    if args.source is not None:
+        overrides.append(f"sentiment.source={_override_value(args.source)}")
+    try:
+        spec = get_dataset(compose_config(overrides)["sentiment"], args.dataset)
+        result = score_sentiment_file(spec, args.predictions)
+    except (ValueError, HydraException, OmegaConfBaseException) as exc:  # InputError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1))

@@ -217,6 +217,38 @@ class DistillConfig:
 
 
 @dataclass
+class SentimentDataset:
+    """One sentence/document sentiment set for zero-shot scoring, declared in YAML only (no code).
+
+    Each split is one file (`files: {split: path}`, relative to `source` when that is set). `format` is
+    json (an array of objects; a BOM is fine) | jsonl | csv | parquet, or null to go by the file extension.
+    `label_map` turns raw label values (e.g. 0/1, compared as strings) into label words; every gold label
+    must then be one of `labels`. `sha256` pins a split's bytes (`{split: hex}`); without it only the
+    records are validated.
+    """
+
+    name: str | None = None  # defaults to the key under sentiment.datasets; must equal it when set
+    source: str | None = None  # folder the split file names are relative to (None: the working directory)
+    files: dict[str, str] = field(default_factory=dict)  # split -> file; `test` is scored, `train` holds demos
+    format: str | None = None
+    text_column: str = "sentence"
+    label_column: str = "label"
+    delimiter: str | None = None  # csv: the field separator (None: tab for .tsv files, else comma)
+    labels: list[str] = field(default_factory=list)  # the label words, in class order
+    label_map: dict[Any, str] = field(default_factory=dict)  # raw value (YAML key: 0, "pos", true) -> label word
+    instruction: str = MISSING
+    sha256: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SentimentConfig:
+    """Zero-shot sentiment classification sets (sst2, imdb, yelp2, twitter built in) and where they live."""
+
+    source: str = MISSING  # the built-ins' folder (FSA_SENTIMENT_SOURCE): <source>/<name>/{train,val,test}.json
+    datasets: dict[str, SentimentDataset] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     """The whole run configuration."""
 
@@ -235,6 +267,7 @@ class Config:
     prompts: dict[str, PromptTemplate] = field(default_factory=dict)
     clean: CleanConfig = field(default_factory=CleanConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sentiment: SentimentConfig = field(default_factory=SentimentConfig)
 
 
 def register() -> None:
