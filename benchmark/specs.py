@@ -1,8 +1,19 @@
-"""The FSA benchmark's datasets: where they come from and what their bytes must hash to."""
+"""The FSA benchmark's datasets: where they come from and what their bytes must hash to.
+
+The four built-ins are pinned below; a user's own datasets are declared in YAML (`data.custom.<name>`) and
+checked here by `user_spec` (settings only: the files are read and validated by the acquire stage).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from fsa_distill.errors import InputError
 
 #: HITSZ-HLT/FSA-Distillation, the paper's code release, pinned to one commit.
 UPSTREAM_COMMIT = "c38bdfc80cf871ffd53e14f9441fcc33d968defd"
@@ -54,9 +65,159 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def get_spec(name: str) -> DatasetSpec:
-    """Look a dataset up by name, with the list of known names in the error."""
-    try:
+def slug(name: str) -> str:
+    """File- and metric-safe form of any dataset name, built-in or user: `atsa/mine` -> `atsa-mine`."""
+    return name.replace("/", "-")
+
+
+# --- user datasets, declared in YAML only (`data.custom.<name>`) -------------------------------------------------
+
+REQUIRED_SPLITS: tuple[str, ...] = ("train", "dev", "test")
+FORMATS: tuple[str, ...] = ("json", "jsonl", "csv", "parquet")
+LAYOUTS: tuple[str, ...] = ("nested", "flat")
+#: The benchmark record's fields: what `columns` may rename. ID/sentence/aspects are a record's (nested) or a
+#: row's (flat, minus aspects) fields; the rest are an aspect's.
+FIELDS: tuple[str, ...] = ("ID", "sentence", "aspects", "target", "category", "polarity", "from", "to", "opinion_words")
+_EXTENSIONS: dict[str, str] = {
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+_NAME = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?")
+
+
+def is_url(location: str) -> bool:
+    """Whether a data location is a URL (base) rather than a local path."""
+    return urllib.parse.urlparse(str(location)).scheme in ("http", "https", "file")
+
+
+@dataclass(frozen=True)
+class UserDatasetSpec:
+    """One user FSA dataset from `data.custom.<name>`, checked: where each split is and how to read it.
+
+    `files` maps split -> location (a URL, or a local path as given: relative paths are relative to the
+    working directory). `hard_test` may be absent: acquisition then writes an empty hard_test split.
+    """
+
+    name: str
+    task: str
+    files: Mapping[str, str]
+    formats: Mapping[str, str]
+    layouts: Mapping[str, str]
+    columns: Mapping[str, str]  # every field in FIELDS -> its column name
+    delimiter: str | None = None
+    sha256: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def slug(self) -> str:
+        """File- and metric-safe name: `atsa-mine`."""
+        return slug(self.name)
+
+    def reading(self) -> dict[str, Any]:
+        """How the files are read (not where they are): part of the acquire key."""
+        return {
+            "task": self.task,
+            "formats": dict(self.formats),
+            "layouts": dict(self.layouts),
+            "columns": dict(self.columns),
+            "delimiter": self.delimiter,
+        }
+
+
+def _format_of(location: str, declared: str | None, where: str) -> str:
+    """The declared format (already checked), else the one the file extension implies."""
+    if declared is not None:
+        return declared
+    path = urllib.parse.urlparse(location).path if is_url(location) else location
+    fmt = _EXTENSIONS.get(PurePosixPath(path).suffix.lower())
+    if fmt is None:
+        raise InputError(
+            f"{where}: cannot tell the format of {PurePosixPath(path).name!r} from its extension; "
+            f"set format to one of {', '.join(FORMATS)}"
+        )
+    return fmt
+
+
+def _locate(source: str | None, rel: str) -> str:
+    """A split file's location: a URL or absolute path as given, else relative to `source` (URL base or folder)."""
+    if is_url(rel):
+        return rel
+    if source is not None and is_url(source):
+        return f"{source.rstrip('/')}/{rel.lstrip('/')}"
+    base = Path(source).expanduser() if source is not None else Path()
+    return str(base / Path(rel).expanduser())
+
+
+def user_spec(name: str, entry: Mapping[str, Any]) -> UserDatasetSpec:
+    """Check one `data.custom.<name>` entry (plain dict; no file is read), so each error names its key."""
+    from fsa_distill.benchmark.protocol import TASKS
+
+    where = f"data.custom.{name}"
+    if not _NAME.fullmatch(name):
+        raise InputError(f"{where}: a dataset name is letters, digits, _ . - and at most one '/' (e.g. atsa/mine)")
+    if name in DATASETS:
+        raise InputError(f"{where}: {name!r} is a built-in dataset; give yours another name")
+    task = entry.get("task")
+    if task not in TASKS:
+        raise InputError(f"{where}.task: {task!r} is not one of {', '.join(TASKS)}")
+    files = {str(k): str(v) for k, v in (entry.get("files") or {}).items()}
+    missing = [s for s in REQUIRED_SPLITS if s not in files]
+    if missing:
+        raise InputError(
+            f"{where}.files must name {', '.join(REQUIRED_SPLITS)} (hard_test is optional); "
+            f"missing: {', '.join(missing)}"
+        )
+    unknown = sorted(set(files) - set(SPLITS))
+    if unknown:
+        raise InputError(f"{where}.files: unknown split(s) {unknown}; splits are {', '.join(SPLITS)}")
+    columns = dict(entry.get("columns") or {})
+    bad = sorted(set(columns) - set(FIELDS))
+    if bad:
+        raise InputError(f"{where}.columns: unknown field(s) {bad}; renameable fields: {', '.join(FIELDS)}")
+    if any(not isinstance(v, str) or not v for v in columns.values()):
+        raise InputError(f"{where}.columns: every column name must be a non-empty string, got {columns}")
+    sha256 = {str(k): str(v).lower() for k, v in (entry.get("sha256") or {}).items()}
+    unpinned = sorted(set(sha256) - set(files))
+    if unpinned:
+        raise InputError(f"{where}.sha256 names splits that have no file: {unpinned}")
+    for split, digest in sha256.items():
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise InputError(f"{where}.sha256.{split}: {digest!r} is not a sha256 hex digest")
+    if entry.get("format") is not None and entry["format"] not in FORMATS:
+        raise InputError(f"{where}.format: {entry['format']!r} is not one of {', '.join(FORMATS)}")
+    layout = entry.get("layout")
+    if layout is not None and layout not in LAYOUTS:
+        raise InputError(f"{where}.layout: {layout!r} is not one of {', '.join(LAYOUTS)}")
+    source = entry.get("source")
+    ordered = [s for s in SPLITS if s in files]
+    locations = {s: _locate(source, files[s]) for s in ordered}
+    formats = {s: _format_of(locations[s], entry.get("format"), f"{where}.files.{s}") for s in ordered}
+    layouts = {s: layout or ("flat" if formats[s] == "csv" else "nested") for s in ordered}
+    for split in ordered:
+        if formats[split] == "csv" and layouts[split] == "nested":
+            raise InputError(f"{where}.layout: CSV cannot hold nested aspects ({files[split]}); use layout: flat")
+    return UserDatasetSpec(
+        name=name,
+        task=task,
+        files=locations,
+        formats=formats,
+        layouts=layouts,
+        columns={f: str(columns.get(f, f)) for f in FIELDS},
+        delimiter=entry.get("delimiter"),
+        sha256=sha256,
+    )
+
+
+def get_spec(name: str, custom: Mapping[str, Any] | None = None) -> DatasetSpec | UserDatasetSpec:
+    """A built-in dataset, or a user one from `custom` (the composed `data.custom`), with every known name
+    in the error."""
+    if name in DATASETS:
         return DATASETS[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None
+    if custom and name in custom:
+        return user_spec(name, custom[name])
+    known = [*DATASETS, *(custom or {})]
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(known)}")

@@ -17,6 +17,28 @@ from fsa_distill import CONF_DIR
 
 
 @dataclass
+class FsaDataset:
+    """A user's own FSA dataset (ATSA or ACSA), declared in YAML only under `data.custom.<name>`.
+
+    One file per split (`files: {split: file}`, relative to `source`, a folder or URL base, when that is set):
+    train, dev and test are required, hard_test is optional (absent: an empty hard_test split). `format` is
+    json | jsonl | csv | parquet, or null to go by the file extension. `layout` nested = one record per
+    sentence with the benchmark's `aspects` list; flat = one row per aspect, grouped into sentences by ID
+    (null: flat for csv, else nested). `columns` renames fields: {benchmark field: column in the files}.
+    `sha256` pins a split's bytes; every record is validated either way.
+    """
+
+    task: str = MISSING  # atsa | acsa
+    source: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    format: str | None = None
+    layout: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)  # ID, sentence, aspects, target, category, polarity, ...
+    delimiter: str | None = None  # csv: the field separator (None: tab for .tsv files, else comma)
+    sha256: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class DataConfig:
     """Where the benchmark comes from and which datasets a run uses."""
 
@@ -26,6 +48,7 @@ class DataConfig:
     )
     limit: int | None = None  # keep the first N rows of every split (shrunk runs and tests)
     timeout_s: float = 60.0
+    custom: dict[str, FsaDataset] = field(default_factory=dict)  # user datasets by name (`atsa/mine`)
 
 
 @dataclass
@@ -301,11 +324,15 @@ def to_plain(cfg: Any) -> dict[str, Any]:
 def validate(cfg: dict[str, Any]) -> None:
     """Checks the schema's types cannot express; each message names the key and the choices."""
     from fsa_distill.benchmark.protocol import TEST_TYPES
-    from fsa_distill.benchmark.specs import DATASETS
+    from fsa_distill.benchmark.specs import DATASETS, user_spec
 
+    custom = cfg["data"].get("custom") or {}
+    for name, entry in custom.items():
+        user_spec(name, entry)  # settings only; the acquire stage reads and validates the files
     for name in cfg["data"]["datasets"]:
-        if name not in DATASETS:
-            raise ValueError(f"data.datasets: unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        if name not in DATASETS and name not in custom:
+            known = ", ".join([*DATASETS, *custom])
+            raise ValueError(f"data.datasets: unknown dataset {name!r}; known: {known}")
     for test_type in cfg["evaluate"]["test_types"]:
         if test_type not in TEST_TYPES:
             raise ValueError(f"evaluate.test_types: unknown {test_type!r}; known: {', '.join(TEST_TYPES)}")
