@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from fsa_distill.benchmark.specs import get_spec
+from fsa_distill.benchmark.specs import DATASETS, slug
 from fsa_distill.flows.tracking import Tracker, flatten, git_commit, numeric
 from fsa_distill.tasks.acquire import acquire
 from fsa_distill.tasks.clean import clean
@@ -30,6 +30,7 @@ from fsa_distill.tasks.report import report
 from fsa_distill.tasks.reviews import reviews
 from fsa_distill.tasks.stage import Stage
 from fsa_distill.tasks.student import init_student
+from fsa_distill.tasks.teacher_eval import teacher_fsa, teacher_sentiment, zeroshot
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -142,7 +143,7 @@ class Wiring:
     def _run(self, tracker: Tracker, parent: str) -> dict[str, Any]:
         cfg = self.cfg
         datasets = cfg["data"]["datasets"]
-        acquired = {d: self.spawn(lambda d=d: self.call(acquire, get_spec(d).slug, dataset=d)) for d in datasets}
+        acquired = {d: self.spawn(lambda d=d: self.call(acquire, _slug(d), dataset=d)) for d in datasets}
 
         def data() -> list[Artifact]:
             return [acquired[d].result() for d in datasets]
@@ -156,7 +157,10 @@ class Wiring:
                 arms[objective] = self.spawn(self._pretrain, student, corpus, objective)
         runs = [(arm, name, seed) for arm in arms for name in datasets for seed in seeds(cfg)]
         jobs = {run: self.spawn(self._finetune_and_evaluate, arms[run[0]], acquired[run[1]], *run) for run in runs}
+        teacher_jobs, sentiment_jobs = self._evaluations(arms, acquired, corpus)
         done = {run: job.result() for run, job in jobs.items()}  # re-raises the first failure
+        teacher_done = {run: job.result() for run, job in teacher_jobs.items()}
+        sentiment_done = {run: job.result() for run, job in sentiment_jobs.items()}
         built = corpus.result() if corpus is not None else None
         arm_models = {arm: future.result() for arm, future in arms.items()}
 
@@ -166,13 +170,19 @@ class Wiring:
                 _track_reviews(tracker, parent, built["reviews"])
         for objective in cfg["pretrain"]["objectives"] if built is not None else []:
             _track_pretrain(cfg, tracker, parent, objective, arm_models[objective])
-        results = [
-            {"student": arm, "dataset": name, "seed": seed, "evaluation": done[(arm, name, seed)][1]}
-            for arm, name, seed in runs
+        evaluations = {run: pair[1] for run, pair in done.items()} | teacher_done
+        results = [{"student": m, "dataset": d, "seed": s, "evaluation": ev} for (m, d, s), ev in evaluations.items()]
+        sentiment = [
+            {"student": m, "dataset": d, "seed": s, "evaluation": ev} for (m, d, s), ev in sentiment_done.items()
         ]
-        summary_art = self.call(report, "summary", results=results, corpus=built["corpus"] if built else None)
+        summary_art = self.call(
+            report, "summary", results=results, corpus=built["corpus"] if built else None, sentiment=sentiment
+        )
         for run in runs:
             _track_child(cfg, tracker, parent, *run, *done[run])
+        for run, art in teacher_done.items():
+            _track_teacher(cfg, tracker, parent, *run, art)
+        _track_zeroshot(tracker, parent, sentiment_done)
         _track_report(tracker, parent, Path(summary_art.path))
         return {
             "parent_run_id": parent,
@@ -180,6 +190,52 @@ class Wiring:
             "evaluations": {_label(*run): done[run][1].path for run in runs},
             "arms": {arm: art.path for arm, art in arm_models.items()},
         }
+
+    def _evaluations(
+        self, arms: dict[str, Future], acquired: dict[str, Future], corpus: Future | None
+    ) -> tuple[dict[tuple[str, str, int], Future], dict[tuple[str, str, int], Future]]:
+        """The teacher in context on the benchmark, and every model on the sentiment sets.
+
+        Students are classified zero-shot as soon as their arm exists (after pretraining, before
+        fine-tuning). The teacher's evaluations use the generation lane after the teacher has
+        generated the corpus, so they never delay the distillation path.
+        """
+        cfg, te, zs = self.cfg, self.cfg["teacher_eval"], self.cfg["zeroshot"]
+        has_teacher = cfg["teacher"]["backend"] != "released"  # released outputs come without a model
+
+        def after_corpus() -> None:
+            if corpus is not None:
+                corpus.result()
+
+        def teacher_fsa_job(name: str, k: int, seed: int) -> Artifact:
+            after_corpus()
+            data = acquired[name].result()
+            return self.call(teacher_fsa, f"k{k}-{_slug(name)}-{seed}", self.generate_slots, data=data, k=k,
+                             seed=seed)  # fmt: skip
+
+        def teacher_sentiment_job(dataset: str, seed: int) -> Artifact:
+            after_corpus()
+            return self.call(teacher_sentiment, f"{dataset}-{seed}", self.generate_slots, dataset=dataset, seed=seed)
+
+        def zeroshot_job(arm: str, dataset: str, seed: int) -> Artifact:
+            return self.call(zeroshot, f"{arm}-{dataset}-{seed}", model=arms[arm].result(), dataset=dataset, seed=seed)
+
+        teacher: dict[tuple[str, str, int], Future] = {}
+        sentiment: dict[tuple[str, str, int], Future] = {}
+        if te["enabled"] and has_teacher:
+            for name in cfg["data"]["datasets"]:
+                for k in te["k"]:
+                    for seed in te["seeds"]:
+                        teacher[(f"teacher-k{k}", name, seed)] = self.spawn(teacher_fsa_job, name, k, seed)
+        if zs["enabled"]:
+            for dataset in zs["datasets"]:
+                for seed in zs["seeds"]:
+                    for arm in arms:
+                        sentiment[(arm, dataset, seed)] = self.spawn(zeroshot_job, arm, dataset, seed)
+                    if zs["teacher"] and has_teacher:
+                        key = (f"teacher-k{zs['k']}", dataset, seed)
+                        sentiment[key] = self.spawn(teacher_sentiment_job, dataset, seed)
+        return teacher, sentiment
 
     def _pretrain(self, student: Future, corpus: Future, objective: str) -> Artifact:
         return self.call(
@@ -217,14 +273,19 @@ class Wiring:
         return {"corpus": corpus, "generations": generations, "reviews": raw}
 
 
+def _slug(name: str) -> str:
+    """A dataset's short name in labels and metric keys: `rest14` for built-ins, `atsa-mine` for user sets."""
+    return DATASETS[name].slug if name in DATASETS else slug(name)
+
+
 def _label(arm: str, dataset: str, seed: int) -> str:
-    return f"{arm}-{get_spec(dataset).slug}-{seed}"
+    return f"{arm}-{_slug(dataset)}-{seed}"
 
 
 def _track_child(
     cfg: dict[str, Any], tracker: Tracker, parent: str, arm: str, name: str, seed: int, model: Artifact, ev: Artifact
 ) -> None:
-    slug = get_spec(name).slug
+    short = _slug(name)
     student = cfg["student"]["name"]
     tags = {"dataset": name, "seed": str(seed), "student": student, "arm": arm, "model_sha256": model.sha256}
     with tracker.child(
@@ -246,8 +307,46 @@ def _track_child(
             tracker.files(child, ev_dir / file, "evaluation")
         tracker.files(child, model_dir / "train_log.json", "training")
         if cfg["tracking"]["register_models"]:
-            model_name = f"{cfg['tracking']['model_prefix']}-{slug}-{student}-{arm}"
+            model_name = f"{cfg['tracking']['model_prefix']}-{short}-{student}-{arm}"
             tracker.register(child, model_dir, model_name, model.sha256)
+
+
+def _track_teacher(
+    cfg: dict[str, Any], tracker: Tracker, parent: str, model: str, name: str, seed: int, ev: Artifact
+) -> None:
+    """A child run per in-context evaluation of the teacher, with the students' metric names."""
+    teacher = cfg["teacher"]
+    with tracker.child(
+        f"{model}-{_slug(name)}-{seed}",
+        {"dataset": name, "seed": str(seed), "model": model, **flatten("teacher_eval", cfg["teacher_eval"]),
+         "teacher.name": teacher["name"], "teacher.backend": teacher["backend"]},
+        {"kind": "teacher-eval", "dataset": name, "seed": str(seed), "model": model, "teacher": teacher["name"]},
+        parent=parent,
+    ) as child:  # fmt: skip
+        test = read_metrics(ev.path)
+        tracker.metrics(
+            child, {f"test_{tt}_{m}": v for tt, vals in test.items() for m, v in vals.items() if m != "n_sentences"}
+        )
+        for file in ("predictions.parquet", "metrics.json"):
+            tracker.files(child, Path(ev.path) / file, "evaluation")
+
+
+def _track_zeroshot(tracker: Tracker, parent: str, done: dict[tuple[str, str, int], Artifact]) -> None:
+    """A child run per model (teacher and each arm) with `<set>_macro_f1` / `<set>_accuracy`, seeds averaged."""
+    by_model: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for (model, dataset, _seed), art in done.items():
+        metrics = json.loads((Path(art.path) / "metrics.json").read_text())
+        by_model.setdefault(model, {}).setdefault(dataset, []).append(metrics)
+    for model, sets in by_model.items():
+        method = next(iter(sets.values()))[0].get("method", "")
+        with tracker.child(
+            f"zeroshot-{model}", {"model": model, "method": method}, {"kind": "zeroshot", "model": model}, parent
+        ) as child:
+            values = {}
+            for dataset, runs in sets.items():
+                values[f"{dataset}_macro_f1"] = sum(r["macro_f1"] for r in runs) / len(runs)
+                values[f"{dataset}_accuracy"] = sum(r["accuracy"] for r in runs) / len(runs)
+            tracker.metrics(child, values)
 
 
 def _track_report(tracker: Tracker, parent: str, report_dir: Path) -> None:
@@ -257,8 +356,16 @@ def _track_report(tracker: Tracker, parent: str, report_dir: Path) -> None:
     tracker.files(parent, report_dir, "report")
     tracker.metrics(
         parent,
-        {f"{r.student}.{get_spec(r.dataset).slug}.{r.test_type}.f1_mean": r.f1_mean for r in summary.itertuples()},
+        {f"{r.student}.{_slug(r.dataset)}.{r.test_type}.f1_mean": r.f1_mean for r in summary.itertuples()},
     )
+    sentiment = pd.read_csv(report_dir / "sentiment.csv")
+    if len(sentiment):
+        means = sentiment.groupby(["student", "dataset"]).macro_f1.mean()
+        tracker.metrics(parent, {f"{m}.{d}.macro_f1_mean": 100 * v for (m, d), v in means.items()})
+    board = pd.read_csv(report_dir / "leaderboard.csv")
+    tracker.client.log_table(parent, data=board, artifact_file="leaderboard.json")
+    create_table_artifact(key="fsa-leaderboard", table=board.to_dict(orient="records"),
+                          description="Teacher and students: FSA test F1 and sentiment macro-F1 (%)")  # fmt: skip
     create_table_artifact(
         key="fsa-report",
         table=summary.round(2).to_dict(orient="records"),

@@ -106,16 +106,75 @@ def corpus_markdown(stats: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def collect_sentiment(sentiment: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (model, sentiment set, seed) from zero-shot evaluations: macro-F1, accuracy, size."""
+    rows = []
+    for result in sentiment:
+        metrics = json.loads((Path(result["evaluation"].path) / "metrics.json").read_text())
+        rows.append(
+            {"student": result["student"], "dataset": result["dataset"], "seed": result["seed"],
+             "macro_f1": metrics["macro_f1"], "accuracy": metrics["accuracy"], "n": metrics["n"],
+             "method": metrics.get("method", "")}
+        )  # fmt: skip
+    return pd.DataFrame(rows, columns=["student", "dataset", "seed", "macro_f1", "accuracy", "n", "method"])
+
+
+def leaderboard(summary: pd.DataFrame, sentiment: pd.DataFrame) -> pd.DataFrame:
+    """Rows: the teacher (per k) and each student arm; columns: FSA F1 (normal, hard) and sentiment
+    macro-F1 per set, in percent, as "mean ± std" over seeds ("–" where a model was not scored)."""
+    cells: dict[str, dict[str, str]] = {}
+
+    def put(model: str, column: str, mean: float, std: float) -> None:
+        cells.setdefault(model, {})[column] = f"{mean:.2f} ± {std:.2f}"
+
+    for r in summary[summary.test_type.isin(["normal", "hard"])].itertuples():
+        put(r.student, f"{r.dataset} {r.test_type}", r.f1_mean, r.f1_std)
+    if len(sentiment):
+        grouped = sentiment.groupby(["student", "dataset"], sort=False).macro_f1
+        for (model, dataset), values in grouped:
+            put(model, f"{dataset} macro-F1", 100 * values.mean(), 100 * (values.std() if len(values) > 1 else 0.0))
+    columns = list(dict.fromkeys(c for row in cells.values() for c in row))
+    fsa = [c for c in columns if not c.endswith("macro-F1")]
+    ordered = sorted(fsa, key=lambda c: (c.rsplit(" ", 1)[0], c.endswith("hard"))) + [
+        c for c in columns if c.endswith("macro-F1")
+    ]
+    models = sorted(cells, key=lambda m: (not m.startswith("teacher"), m != "baseline", m))
+    table = pd.DataFrame([[cells[m].get(c, "–") for c in ordered] for m in models], index=models, columns=ordered)
+    table.index.name = "model"
+    return table.reset_index()
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
 @stage("report")
-def report(out: Path, *, results: list[dict[str, Any]], corpus: Artifact | None = None) -> None:
-    """Write `per_seed.csv`, `summary.csv`, `deltas.csv`, `summary.md` and `f1.png`."""
+def report(
+    out: Path,
+    *,
+    results: list[dict[str, Any]],
+    corpus: Artifact | None = None,
+    sentiment: list[dict[str, Any]] | None = None,
+    samples: dict[str, Any] | None = None,
+) -> None:
+    """Write `per_seed.csv`, `summary.csv`, `deltas.csv`, `leaderboard.csv`, `summary.md` and `f1.png`."""
     per_seed = collect(results)
     summary = summarise(per_seed)
     delta = deltas(summary)
     per_seed.to_csv(out / "per_seed.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
     delta.to_csv(out / "deltas.csv", index=False)
-    text = "## Test F1 (%), mean ± std over seeds\n\n" + markdown_table(summary)
+    senti = collect_sentiment(sentiment or [])
+    senti.to_csv(out / "sentiment.csv", index=False)
+    board = leaderboard(summary, senti)
+    board.to_csv(out / "leaderboard.csv", index=False)
+    text = "## Leaderboard\n\nFSA test F1 (%) and sentiment macro-F1 (%), mean ± std over seeds.\n\n" + _markdown(board)
+    notes = [f"- {k}: {v}" for k, v in (samples or {}).items() if v]
+    if notes:
+        text += "\nScored on seeded samples (per dataset):\n" + "\n".join(notes) + "\n"
+    text += "\n## Test F1 (%), mean ± std over seeds\n\n" + markdown_table(summary)
     if len(delta):
         cells = delta.assign(value=delta.f1_delta.map("{:+.2f}".format))
         text += "\n## F1 difference to the baseline (points)\n\n" + _wide_markdown(cells)
@@ -128,6 +187,17 @@ def report(out: Path, *, results: list[dict[str, Any]], corpus: Artifact | None 
 
 
 @report.configure
-def params(cfg: dict[str, Any], *, results: list[dict[str, Any]], corpus: Artifact | None = None) -> dict[str, Any]:
-    """The evaluations to summarise (by content) and the corpus whose statistics the report shows."""
-    return {"results": results, "corpus": corpus}
+def params(
+    cfg: dict[str, Any],
+    *,
+    results: list[dict[str, Any]],
+    corpus: Artifact | None = None,
+    sentiment: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The evaluations to summarise (by content), the corpus whose statistics the report shows, and
+    the sample sizes the report must state."""
+    samples = {
+        "teacher in-context FSA sentences": cfg["teacher_eval"]["sample"] if cfg["teacher_eval"]["enabled"] else None,
+        "sentiment test sentences": cfg["zeroshot"]["sample"] if cfg["zeroshot"]["enabled"] else None,
+    }
+    return {"results": results, "corpus": corpus, "sentiment": sentiment or [], "samples": samples}

@@ -20,6 +20,7 @@ from fsa_distill.env import configure
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="fsa-tests-"))
 atexit.register(shutil.rmtree, SESSION_DIR, ignore_errors=True)
 os.environ.setdefault("FSA_DATA_SOURCE", str((ROOT.parent / "shared" / "data" / "fsa-distillation").resolve()))
+os.environ.setdefault("FSA_SENTIMENT_SOURCE", str((ROOT.parent / "shared" / "data" / "sentiment").resolve()))
 os.environ["FSA_WORKDIR"] = str(SESSION_DIR / "work")
 configure(SESSION_DIR / "work")
 

@@ -28,6 +28,7 @@ STAGE_MODULES = [
     "fsa_distill.tasks.finetune",
     "fsa_distill.tasks.evaluate",
     "fsa_distill.tasks.report",
+    "fsa_distill.tasks.teacher_eval",
 ]
 
 
