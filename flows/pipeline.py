@@ -287,7 +287,8 @@ def _track_child(
 ) -> None:
     short = _slug(name)
     student = cfg["student"]["name"]
-    tags = {"dataset": name, "seed": str(seed), "student": student, "arm": arm, "model_sha256": model.sha256}
+    tags = {"kind": "finetune", "dataset": name, "seed": str(seed), "student": student, "arm": arm,
+            "model_sha256": model.sha256}  # fmt: skip
     with tracker.child(
         _label(arm, name, seed),
         {"dataset": name, "seed": str(seed), "student": student, "arm": arm, **flatten("finetune", cfg["finetune"])},

@@ -49,6 +49,12 @@ def shrunk(workdir: Path, *extra: str) -> list[str]:
         "student.num_layers=1",
         "student.num_decoder_layers=1",
         "evaluate.max_new_tokens=12",
+        # the teacher in context and zero-shot sentiment, on a few sentences
+        "teacher_eval.seeds=[42]",
+        "teacher_eval.sample=3",
+        "teacher_eval.max_new_tokens=16",
+        "zeroshot.datasets=[sst2]",
+        "zeroshot.sample=8",
         *extra,
     ]
 

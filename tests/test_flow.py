@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from fsa_distill.flows.pipeline import fsa_distill
@@ -44,7 +45,9 @@ def first_run(tmp_path_factory):
 def test_flow_tracks_parent_children_metrics_and_models(first_run):
     workdir, _, result, run_id = first_run
     states = _task_states(run_id)
-    assert sorted({name.split("[")[0] for name in states}) == ["acquire", "evaluate", "finetune", "report", "student"]
+    assert sorted({name.split("[")[0] for name in states}) == [
+        "acquire", "evaluate", "finetune", "report", "student", "teacher_fsa", "teacher_sentiment", "zeroshot"
+    ]  # fmt: skip
     assert set(states.values()) == {"Completed"}
 
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
@@ -56,8 +59,16 @@ def test_flow_tracks_parent_children_metrics_and_models(first_run):
     parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "report"} <= parent_files
 
+    # the leaderboard: the teacher in context and the baseline student on FSA and on sentiment
+    board = pd.read_csv(Path(result["report"]) / "leaderboard.csv")
+    assert list(board.model) == ["teacher-k0", "teacher-k4", "baseline"]
+    assert {"rest14 normal", "rest14 hard", "rest16 normal", "sst2 macro-F1"} <= set(board.columns)
+    assert "leaderboard.json" in parent_files
+    assert "teacher-k4.rest14.normal.f1_mean" in parent.data.metrics
+    assert "baseline.sst2.macro_f1_mean" in parent.data.metrics
+
     exp = parent.info.experiment_id
-    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.kind = 'finetune'")
     assert sorted(c.data.tags["dataset"] for c in children) == ["acsa/rest16", "atsa/rest14"]
     for child in children:
         metrics = child.data.metrics
