@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fsa_distill.benchmark.protocol import TEST_TYPES, score_rows
+from fsa_distill.benchmark.records import load_test_rows
 from fsa_distill.benchmark.specs import get_spec
 
 from fsa_distill.errors import InputError
@@ -34,12 +36,20 @@ def read_predictions(path: str | Path) -> dict[str, str]:
     return predictions
 
 
-def score_file(dataset: str, predictions_path: str | Path, source: str) -> dict[str, dict[str, float]]:
-    """{test_type: {precision, recall, f1}} of a predictions file covering test + hard_test."""
-    from fsa_distill.tasks.acquire import load_split
+def score_file(
+    dataset: str,
+    predictions_path: str | Path,
+    source: str,
+    custom: Mapping[str, Any] | None = None,
+    timeout_s: float = 60.0,
+) -> dict[str, dict[str, float]]:
+    """{test_type: {precision, recall, f1}} of a predictions file covering test + hard_test.
 
-    spec = get_spec(dataset)
-    rows = load_split(source, dataset, "test") + load_split(source, dataset, "hard_test")
+    `dataset` is a built-in (read from `source`) or a user dataset declared in `custom` (the composed
+    `data.custom`), whose test and hard_test files are read and validated as the acquire stage reads them.
+    """
+    spec = get_spec(dataset, custom)
+    rows = load_test_rows(dataset, source, custom, timeout_s)
     predictions = read_predictions(predictions_path)
     gold_ids = {r["ID"] for r in rows}
     missing = [r["ID"] for r in rows if r["ID"] not in predictions]

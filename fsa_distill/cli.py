@@ -51,35 +51,36 @@ def _override_value(value: str) -> str:
 
 def _score(argv: list[str]) -> int:
     from fsa_distill.benchmark.scoring import score_file
-    from fsa_distill.errors import InputError
 
     parser = argparse.ArgumentParser(prog="fsa-distill score", description="Score a model's predictions.")
     parser.add_argument("--task", choices=("fsa", "sentiment"), default="fsa", help="benchmark (default: fsa)")
     parser.add_argument(
         "--dataset",
         required=True,
-        help="fsa: atsa/rest14, atsa/laptop14, acsa/rest16 or acsa/laptop16; "
+        help="fsa: atsa/rest14, atsa/laptop14, acsa/rest16, acsa/laptop16 or a key under data.custom; "
         "sentiment: sst2, imdb, yelp2, twitter or a key under sentiment.datasets",
     )
     parser.add_argument("--predictions", required=True, help='JSON lines {"ID": ..., "prediction": "..."}')
     parser.add_argument(
         "--source",
         default=None,
-        help="fsa: data source (default: FSA_DATA_SOURCE or data.source); "
+        help="fsa: the built-ins' data source (default: FSA_DATA_SOURCE or data.source); "
         "sentiment: the built-ins' folder (default: FSA_SENTIMENT_SOURCE or sentiment.source)",
     )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. to select a sentiment config file")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. to select a data or sentiment config file")
     args = parser.parse_args(argv)
     if args.task == "sentiment":
         return _score_sentiment(args)
-    source = args.source
-    if source is None:
-        from fsa_distill.config import compose_config
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-        source = compose_config(args.overrides)["data"]["source"]
+    from fsa_distill.config import compose_config
+
     try:
-        result = score_file(args.dataset, args.predictions, source)
-    except (InputError, ValueError) as exc:
+        data = compose_config(args.overrides)["data"]  # data.custom declares the user datasets
+        source = data["source"] if args.source is None else args.source
+        result = score_file(args.dataset, args.predictions, source, data["custom"], data["timeout_s"])
+    except (ValueError, HydraException, OmegaConfBaseException) as exc:  # InputError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1))

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from fsa_distill.benchmark import specs
-from fsa_distill.tasks.acquire import acquire, load_split, normalise_record
+from fsa_distill.benchmark import records, specs
+from fsa_distill.benchmark.records import load_split, normalise_record
+from fsa_distill.tasks.acquire import acquire
 
 from fsa_distill.errors import InputError
 
@@ -75,6 +76,7 @@ def test_missing_file_names_the_path(tmp_path, data_source):
 def unchecked(monkeypatch):
     """Files without a known checksum (a user's own mirror) are parsed and validated record by record."""
     monkeypatch.setattr(specs, "SHA256", {})
+    monkeypatch.setattr(records, "SHA256", {})
     import fsa_distill.tasks.acquire
 
     monkeypatch.setattr(fsa_distill.tasks.acquire, "SHA256", {})

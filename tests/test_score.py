@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from fsa_distill.benchmark.records import load_test_rows
 from fsa_distill.benchmark.scoring import score_file
-from fsa_distill.tasks.acquire import load_split
 
 from fsa_distill.errors import InputError
 
@@ -18,7 +18,7 @@ def _write(path, records):
 
 
 def _gold(data_source, dataset):
-    return load_split(data_source, dataset, "test") + load_split(data_source, dataset, "hard_test")
+    return load_test_rows(dataset, data_source)
 
 
 def test_gold_predictions_score_one_everywhere(tmp_path, data_source):

@@ -5,11 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fsa_distill.benchmark.records import load_test_rows
+from fsa_distill.benchmark.scoring import score_file
 from fsa_distill.benchmark.specs import user_spec
 from fsa_distill.tasks.acquire import acquire, read_meta
 
@@ -255,6 +259,56 @@ def test_limit_applies_to_user_datasets(tmp_path, data):
     cfg["data"]["limit"] = 1
     art = acquire.run(tmp_path / "store", acquire.params(cfg, dataset="atsa/mine"))
     assert read_meta(art.path)["counts"] == {"train": 1, "dev": 1, "test": 1, "hard_test": 1}
+
+
+# --- scored by `fsa-distill score` -----------------------------------------------------------------------------
+
+
+def _predictions(path: Path, predictions: dict[str, str]) -> Path:
+    path.write_text("".join(json.dumps({"ID": i, "prediction": p}) + "\n" for i, p in predictions.items()))
+    return path
+
+
+def test_user_datasets_are_scored_on_test_and_hard_test(tmp_path, data):
+    cfg = _cfg(tmp_path, data)
+    custom = cfg["data"]["custom"]
+    gold = {r["ID"]: r["target"] for r in load_test_rows("atsa/mine", cfg["data"]["source"], custom)}
+    assert gold == {
+        "x1": "fish | positive ; service | negative",
+        "x2": "terrace | positive",
+        "x3": "",
+        "h1": "terrace | positive",
+    }
+    result = score_file("atsa/mine", _predictions(tmp_path / "atsa.jsonl", gold), cfg["data"]["source"], custom)
+    assert set(result) == {"normal", "implicit", "mams", "hard"}
+    assert all(v["f1"] == pytest.approx(1.0) for v in result.values())
+    # flat CSV without a hard_test: its test rows only (grouped by ID)
+    acsa = {"4": "restaurant prices | negative ; ambience general | positive", "5": "restaurant general | neutral"}
+    result = score_file("acsa/mine", _predictions(tmp_path / "acsa.jsonl", acsa), cfg["data"]["source"], custom)
+    assert result["normal"]["f1"] == pytest.approx(1.0)
+    with pytest.raises(InputError, match=r"1 of 2 test/hard_test IDs have no prediction"):
+        score_file("acsa/mine", _predictions(tmp_path / "part.jsonl", {"4": ""}), cfg["data"]["source"], custom)
+    # a bad test record is the acquire stage's error, naming file and record
+    _bad_test_json(data, [GOOD, {"ID": "b2", "aspects": []}])
+    with pytest.raises(InputError, match=r"test\.json \[record 1\], record ID 'b2': missing or non-string"):
+        score_file("atsa/mine", tmp_path / "atsa.jsonl", cfg["data"]["source"], custom)
+
+
+def test_cli_scores_a_user_dataset_declared_in_a_config_file(tmp_path, data):
+    _cfg(tmp_path, data)  # writes myconf/data/mine.yaml
+    preds = _predictions(
+        tmp_path / "p.jsonl",
+        {"x1": "fish | positive ; service | negative", "x2": "terrace | positive", "x3": "", "h1": ""},
+    )
+    argv = [sys.executable, "-m", "fsa_distill.cli", "score", "--dataset", "atsa/mine", "--predictions", str(preds)]
+    overrides = [f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "data=mine"]
+    out = subprocess.run([*argv, *overrides], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["hard"] == {"precision": 1.0, "recall": 0.0, "f1": 0.0}
+    assert result["normal"]["precision"] == 1.0 and result["normal"]["recall"] == 0.75  # normal spans hard_test
+    # without the config file that declares it, the dataset is unknown: exit 2, every known name listed
+    out = subprocess.run(argv, capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown dataset 'atsa/mine'; known: atsa/rest14" in out.stderr
 
 
 # --- bad records: one clear error naming file, record and problem; no output ------------------------------------
