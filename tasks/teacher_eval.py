@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -226,6 +227,7 @@ def teacher_sentiment(
     """Sentiment predictions of the teacher: first-token label logits (transformers) or answer matching."""
     began = time.perf_counter()
     spec, rows, prompts = sentiment_inputs(settings, dataset, seed)
+    counts: dict[str, int] = {}  # how many sentences each method classified, where it varies
     if teacher["backend"] == "transformers":
         from fsa_distill.tasks.teachers.hf import cached_model
 
@@ -236,11 +238,35 @@ def teacher_sentiment(
         predictions = [spec.labels[i] for i in argmax(scores)]
         answers, method = predictions, "first_token_logit"
     else:
-        answers = _generate(teacher, prompts, 8, f"sentiment-{dataset}")
-        predictions = [match_label(a, spec.labels) for a in answers]
-        scores, method = [[] for _ in rows], "generate_match"
+        # openai: the first output token's top logprobs where the server returns them (argmax over the
+        # label words, as first_token_logit); every other prompt, and vllm: generate and match a label word
+        scores = [[] for _ in rows]
+        answers, predictions = [""] * len(rows), [""] * len(rows)
+        fallback = list(range(len(rows)))
+        if teacher["backend"] == "openai":
+            from fsa_distill.tasks.teachers.openai_compat import label_logprobs
+
+            from fsa_distill.lmscore import argmax
+
+            got, stats = label_logprobs(prompts, teacher, list(spec.labels))
+            # no logprobs, or no label word among the top tokens (an argmax of -infs would pick the first label)
+            fallback = [i for i, s in enumerate(got) if s is None or max(s) == -math.inf]
+            for i in sorted(set(range(len(rows))) - set(fallback)):
+                scores[i] = got[i]
+                answers[i] = predictions[i] = spec.labels[argmax([got[i]])[0]]
+            counts = {"n_logprobs": len(rows) - len(fallback), "n_generate_match": len(fallback),
+                      "n_no_logprobs": sum(s is None for s in got)}  # fmt: skip
+            (out / "measured").mkdir(exist_ok=True)
+            (out / "measured" / "label_logprobs.json").write_text(json.dumps(stats, indent=1))
+        if fallback:
+            generated = _generate(teacher, [prompts[i] for i in fallback], 8, f"sentiment-{dataset}")
+            for i, answer in zip(fallback, generated, strict=True):
+                answers[i], predictions[i] = answer, match_label(answer, spec.labels)
+        method = ("generate_match" if len(fallback) == len(rows) else "logprobs" if not fallback
+                  else "logprobs+generate_match")  # fmt: skip
     write_sentiment(out, spec, rows, predictions, answers, scores,
-                    {"method": method, "k": settings["k"], "seed": seed, "sample": settings["sample"]})  # fmt: skip
+                    {"method": method, **counts, "k": settings["k"], "seed": seed,
+                     "sample": settings["sample"]})  # fmt: skip
     _write_measured(out, began, len(rows))
 
 

@@ -12,6 +12,9 @@ retried up to `teacher.max_retries` times and then recorded with finish_reason "
 key is read from the environment variable named by `teacher.api_key_env`; it is never put into
 params, logs, artifacts or exception messages, and URLs in messages are redacted
 (`fsa_distill.redact`).
+
+`label_logprobs` scores label words by the first output token's top logprobs (one 1-token request
+per prompt, through the same client); a server that returns no logprobs gives None for the prompt.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from math import inf
 from typing import Any
 
 import httpx
@@ -160,6 +164,10 @@ class Client:
 
     async def run(self, pairs: list[Pair]) -> list[Generation]:
         """Every pair's generation, in order."""
+        return await self.gather(lambda http, semaphore: [self.one(http, semaphore, p) for p in pairs])
+
+    async def gather(self, make: Callable[[httpx.AsyncClient, asyncio.Semaphore], list[Awaitable[Any]]]) -> list[Any]:
+        """Await the requests `make(http, semaphore)` returns, at most `teacher.concurrency` in flight; in order."""
         headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
         limit = max(1, int(self.teacher["concurrency"]))
         semaphore = asyncio.Semaphore(limit)
@@ -172,7 +180,7 @@ class Client:
             ) as http,
             asyncio.TaskGroup() as group,
         ):  # one fatal failure cancels the rest
-            tasks = [group.create_task(self.one(http, semaphore, p)) for p in pairs]
+            tasks = [group.create_task(c) for c in make(http, semaphore)]
         return [t.result() for t in tasks]
 
     async def one(self, http: httpx.AsyncClient, semaphore: asyncio.Semaphore, pair: Pair) -> Generation:
@@ -185,37 +193,55 @@ class Client:
     async def _one(self, http: httpx.AsyncClient, semaphore: asyncio.Semaphore, pair: Pair) -> Generation:
         body = request_body(pair, self.teacher)
         digest = sha256_text(json.dumps(body["messages"], ensure_ascii=False, sort_keys=True))
+        try:
+            (text, reason, n_in, n_out), latency = await self.send(
+                http, semaphore, body, f"pair {pair.index} (review {pair.review_id})", parse_reply
+            )
+        except _GaveUp:
+            return Generation(digest, "", "error", 0, 0, 0.0)
+        if reason == "error":
+            self.stats["errors"] += 1
+        return Generation(digest, text.strip(), reason, n_in or 0, n_out or 0, latency)
+
+    async def send(
+        self,
+        http: httpx.AsyncClient,
+        semaphore: asyncio.Semaphore,
+        body: dict[str, Any],
+        what: str,
+        parse: Callable[[Any], Any],
+    ) -> tuple[Any, float]:
+        """POST one request with retries: (`parse` of the reply, seconds of the attempt that got it).
+
+        Raises `_GaveUp` (counted as an error) when the request is refused or malformed on every
+        allowed attempt, `TransientError` past the retry budget, `InputError` on a fatal status.
+        """
         max_malformed = int(self.teacher["max_retries"])
         base_s = float(self.teacher.get("backoff_s", 0.5))
         budget = self.teacher.get("retry_budget_s")
         budget_s = DEFAULT_RETRY_BUDGET_S if budget is None else float(budget)
         self.stats["requests"] += 1
-        waited = 0.0  # seconds slept before retries: queueing behind other pairs does not count
+        waited = 0.0  # seconds slept before retries: queueing behind other requests does not count
         malformed = 0
         attempt = 0
         while True:
             try:
                 async with semaphore:
                     began = time.perf_counter()
-                    text, reason, n_in, n_out = await self.attempt(http, body)
+                    reply = await self.attempt(http, body, parse)
                     latency = time.perf_counter() - began
             except _Retry as exc:
                 self.stats[exc.kind] += 1
                 if exc.kind == "malformed":
                     malformed += 1
-                    if malformed > max_malformed:  # the server answers, just not usefully for this pair
+                    if malformed > max_malformed:  # the server answers, just not usefully for this request
                         self.stats["errors"] += 1
-                        log.warning(
-                            "pair %d (review %s): malformed reply after %d attempts",
-                            pair.index,
-                            pair.review_id,
-                            malformed,
-                        )
-                        return Generation(digest, "", "error", 0, 0, 0.0)
+                        log.warning("%s: malformed reply after %d attempts", what, malformed)
+                        raise _GaveUp from None
                 delay = backoff(attempt, base_s, exc.retry_after)
                 if waited + delay > budget_s:
                     raise TransientError(
-                        f"{self.url}: request for pair {pair.index} failed {attempt + 1} times, {waited:.1f} s waited "
+                        f"{self.url}: request for {what} failed {attempt + 1} times, {waited:.1f} s waited "
                         f"(retry budget {budget_s:g} s"
                         + (f", server asked to wait {exc.retry_after:g} s" if exc.retry_after else "")
                         + "); last: "
@@ -229,14 +255,14 @@ class Client:
             except _Rejected as exc:
                 self.stats["errors"] += 1
                 self.stats["rejected"] += 1
-                log.warning("pair %d (review %s) rejected: %s", pair.index, pair.review_id, exc)
-                return Generation(digest, "", "error", 0, 0, 0.0)
-            if reason == "error":
-                self.stats["errors"] += 1
-            return Generation(digest, text.strip(), reason, n_in or 0, n_out or 0, latency)
+                log.warning("%s rejected: %s", what, exc)
+                raise _GaveUp from None
+            return reply, latency
 
-    async def attempt(self, http: httpx.AsyncClient, body: dict[str, Any]) -> tuple[str, str, int | None, int | None]:
-        """One HTTP round trip, classified: a reply, a `_Retry`, a `_Rejected` or a fatal `InputError`."""
+    async def attempt(
+        self, http: httpx.AsyncClient, body: dict[str, Any], parse: Callable[[Any], Any] = parse_reply
+    ) -> Any:
+        """One HTTP round trip, classified: a reply (`parse`d), a `_Retry`, a `_Rejected` or a fatal `InputError`."""
         try:
             response = await http.post("chat/completions", json=body)
         except httpx.TimeoutException as exc:
@@ -257,7 +283,7 @@ class Client:
             self.stats[f"http_{status}"] += 1
             raise _Rejected(f"HTTP {status}: {scrub(response.text[:300], self.key)}")
         try:
-            return parse_reply(response.json())
+            return parse(response.json())
         except (json.JSONDecodeError, UnicodeDecodeError, Malformed) as exc:
             raise _Retry("malformed", f"malformed reply: {scrub(str(exc), self.key)[:300]}") from None
 
@@ -266,10 +292,21 @@ class _Rejected(Exception):
     """The server refused this one request (e.g. the prompt exceeds its context)."""
 
 
+class _GaveUp(Exception):
+    """A request that failed for good without failing the run: refused, or malformed on every attempt."""
+
+
 def _first(group: BaseExceptionGroup) -> BaseException:
     """The first leaf exception of a (nested) exception group."""
     first = group.exceptions[0]
     return _first(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _stats(client: Client) -> dict[str, Any]:
+    """The client's counts: the usual ones (0 when nothing happened) first, then any others."""
+    stats = {k: client.stats.get(k, 0) for k in ("requests", "retries", "errors", "malformed", "timeouts")}
+    stats.update({k: v for k, v in client.stats.items() if k not in stats})
+    return stats
 
 
 def generate(
@@ -284,6 +321,107 @@ def generate(
         generations = asyncio.run(client.run(pairs))
     except ExceptionGroup as group:  # the TaskGroup wraps failures; surface the first cause plainly
         raise _first(group) from None
-    stats = {k: client.stats.get(k, 0) for k in ("requests", "retries", "errors", "malformed", "timeouts")}
-    stats.update({k: v for k, v in client.stats.items() if k not in stats})
-    return generations, stats
+    return generations, _stats(client)
+
+
+#: Alternatives asked for at the first output token (the OpenAI API's maximum, vLLM's default limit).
+TOP_LOGPROBS = 20
+
+
+def logprobs_body(prompt: str, teacher: dict[str, Any]) -> dict[str, Any]:
+    """A request for the first output token's top alternatives after `prompt` (one chat user message)."""
+    return {
+        "model": teacher["model"],
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "logprobs": True,
+        "top_logprobs": TOP_LOGPROBS,
+    }
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def parse_top_logprobs(payload: Any) -> list[tuple[str, float]] | None:
+    """(token text, logprob) of the first output token's alternatives (the chosen token included).
+
+    None when the reply carries no logprobs (`logprobs` missing or null, or no tokens in it); a reply
+    without `choices[0]` is `Malformed`.
+    """
+    try:
+        choice = payload["choices"][0]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise Malformed(f"no choices[0] ({type(exc).__name__}: {exc})") from None
+    if not isinstance(choice, dict):
+        raise Malformed(f"choices[0] is {type(choice).__name__}, not an object")
+    logprobs = choice.get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not isinstance(content, list) or not content:
+        return None
+    first = content[0]
+    if not isinstance(first, dict):
+        raise Malformed(f"choices[0].logprobs.content[0] is {type(first).__name__}, not an object")
+    top = first.get("top_logprobs") or []
+    if not isinstance(top, list):
+        raise Malformed(f"choices[0].logprobs.content[0].top_logprobs is {type(top).__name__}, not a list")
+    entries = [first, *top]
+    return [
+        (e["token"], float(e["logprob"]))
+        for e in entries
+        if isinstance(e, dict) and isinstance(e.get("token"), str) and _number(e.get("logprob"))
+    ]
+
+
+def token_text(token: str) -> str:
+    """A returned token as label text: byte-level (`Ġ`) and SentencePiece (`▁`) space marks as spaces,
+    stripped, lower-cased."""
+    return token.replace("\u0120", " ").replace("\u2581", " ").strip().lower()
+
+
+def label_scores(top: list[tuple[str, float]], label_words: list[str]) -> list[float]:
+    """Each label word's best logprob among the tokens whose text is a non-empty prefix of the word
+    (`" pos"` and `"Positive"` both count for `positive`); -inf where none is."""
+    words = [w.strip().lower() for w in label_words]
+    scores = [-inf] * len(words)
+    for token, logprob in top:
+        text = token_text(token)
+        if not text:
+            continue
+        for j, word in enumerate(words):
+            if word.startswith(text) and logprob > scores[j]:
+                scores[j] = logprob
+    return scores
+
+
+def label_logprobs(
+    prompts: list[str], teacher: dict[str, Any], label_words: list[str]
+) -> tuple[list[list[float] | None], dict[str, Any]]:
+    """Each label word's logprob as the teacher's first output token after each prompt (`label_scores`).
+
+    One greedy request per prompt for one token with its top `TOP_LOGPROBS` alternatives, sent with
+    the same retries, retry budget and concurrency as generation. A prompt gets None where the server
+    returns no logprobs (it does not support them) or refused the request or answered it malformed
+    on every attempt (counted in `errors`); the caller decides how to classify those. Stats count
+    requests and failures as `generate` does, plus `with_logprobs` and `without_logprobs` prompts.
+    """
+    client = Client(teacher)
+
+    async def one(http: httpx.AsyncClient, semaphore: asyncio.Semaphore, i: int) -> list[tuple[str, float]] | None:
+        try:
+            top, _ = await client.send(http, semaphore, logprobs_body(prompts[i], teacher), f"prompt {i}",
+                                       parse_top_logprobs)  # fmt: skip
+        except _GaveUp:
+            return None
+        return top
+
+    try:
+        tops = asyncio.run(client.gather(lambda http, sem: [one(http, sem, i) for i in range(len(prompts))]))
+    except ExceptionGroup as group:
+        raise _first(group) from None
+    scores = [None if top is None else label_scores(top, list(label_words)) for top in tops]
+    stats = _stats(client)
+    stats["with_logprobs"] = sum(s is not None for s in scores)
+    stats["without_logprobs"] = len(scores) - stats["with_logprobs"]
+    return scores, stats
