@@ -10,9 +10,11 @@ chat user message, since the backends serve chat models; upstream fed base model
 
 `teacher_sentiment` classifies a sentiment set (benchmark/sentiment.py). With the transformers
 backend it reads the next-token logits after `Label:` (raw text, as upstream) and picks the label
-word whose first token scores highest (`first_token_logit`). The vllm and openai backends return no
-logits here, so the teacher answers and the first label word in its answer is taken
-(`generate_match`); the metrics record which method ran.
+word whose first token scores highest (`first_token_logit`). The openai backend asks the server for
+the first answer token's top logprobs and picks the best-scoring label word (`logprobs`); prompts
+whose reply has no logprobs (or no label among the top tokens) are answered and matched instead,
+like every vllm prompt: the first label word in the answer is taken (`generate_match`). The
+metrics record which method ran.
 
 Outputs: `predictions.parquet` and `metrics.json`, as the student stages write them.
 """
@@ -224,7 +226,7 @@ def teacher_sentiment(
     model_fingerprint: str,
     backend_code: str,
 ) -> None:
-    """Sentiment predictions of the teacher: first-token label logits (transformers) or answer matching."""
+    """Sentiment predictions of the teacher: label logits (transformers), logprobs (openai) or answer matching."""
     began = time.perf_counter()
     spec, rows, prompts = sentiment_inputs(settings, dataset, seed)
     counts: dict[str, int] = {}  # how many sentences each method classified, where it varies

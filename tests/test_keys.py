@@ -158,7 +158,7 @@ def test_the_benchmark_mirror_location_is_not_in_the_key(cfg):
 
 
 def test_the_benchmark_imports_no_stage():
-    for module in ("protocol", "scoring", "specs"):
+    for module in ("protocol", "scoring", "specs", "records", "sentiment", "icl"):
         imported = codehash.closure([f"fsa_distill.benchmark.{module}"])
         assert not [m for m in imported if m.startswith("fsa_distill.tasks")], module
 
