@@ -84,6 +84,10 @@ class FinetuneConfig:
     max_target_length: int = 100
     eval_batch_size: int = 64
     bf16: bool = False
+    # data-scarce studies: train on a nested subset (first ceil(fraction x n) rows of a fixed permutation
+    # drawn with subset_seed, not the training seed), so the 5% subset contains the 1% one; dev/test unchanged
+    train_fraction: float = 1.0
+    subset_seed: int = 0
 
 
 @dataclass
@@ -237,6 +241,9 @@ class DistillConfig:
     """Whether the run distils at all, and which pretraining arms are compared with the baseline."""
 
     enabled: bool = True
+    # pretraining on a prefix of the cleaned corpus in a fixed shuffled order (nested across sizes):
+    # None = all pairs; a whole number > 1 = that many pairs; 0 < x <= 1 = that fraction of the pairs
+    corpus_size: float | None = None
 
 
 @dataclass
@@ -357,6 +364,14 @@ def validate(cfg: dict[str, Any]) -> None:
         )
     if cfg["teacher"].get("retry_budget_s") is not None and cfg["teacher"]["retry_budget_s"] < 0:
         raise ValueError(f"teacher.retry_budget_s must be >= 0, got {cfg['teacher']['retry_budget_s']}")
+    fraction = cfg["finetune"].get("train_fraction", 1.0)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"finetune.train_fraction must be in (0, 1], got {fraction}")
+    size = cfg["distill"].get("corpus_size")
+    if size is not None and not (0 < size <= 1 or (size > 1 and float(size).is_integer())):
+        raise ValueError(
+            f"distill.corpus_size must be a fraction in (0, 1] or a whole number of pairs > 1 (or null), got {size}"
+        )
 
 
 def seeds(cfg: dict[str, Any]) -> list[int]:

@@ -3,10 +3,16 @@
 Dev F1 is computed from generated sequences with the benchmark's own parser and scorer, as the
 paper selects checkpoints. Checkpoints go to a scratch folder, so a killed run resumes from the
 last one; labels are padded with -100 so padding never enters the loss.
+
+`finetune.train_fraction` < 1 trains on a nested subset of the train split (`train_subset`): the
+first ceil(fraction x n) rows of one fixed permutation drawn with `finetune.subset_seed` (not the
+training seed), so every seed of a fraction sees the same rows and the 5% subset contains the 1%
+one. Dev and test are never subsampled.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,16 @@ def _tokenize(tokenizer: Any, rows: list[dict[str, Any]], ft: dict[str, Any]) ->
             "labels": labels["input_ids"],
         }
     )
+
+
+def train_subset(n: int, fraction: float, seed: int) -> list[int]:
+    """Indices (ascending) of the nested train subset: the first ceil(fraction x n) (at least 1) of a
+    fixed permutation of range(n) drawn with `seed`. All of range(n) when fraction >= 1."""
+    if fraction >= 1 or n == 0:
+        return list(range(n))
+    size = min(n, max(1, math.ceil(fraction * n - 1e-9)))  # 1e-9: 0.1 x 30 is 3.0000000000000004
+    order = np.random.default_rng(seed).permutation(n)
+    return sorted(int(i) for i in order[:size])
 
 
 def dev_f1_metric(task: str, tokenizer: Any, dev_rows: list[dict[str, Any]]) -> Any:
@@ -76,6 +92,8 @@ def finetune(
     model.generation_config.max_length = None
 
     train_rows = pq.read_table(Path(data.path) / "train.parquet").to_pylist()
+    keep = train_subset(len(train_rows), ft.get("train_fraction", 1.0), ft.get("subset_seed", 0))
+    train_rows = [train_rows[i] for i in keep]
     dev_rows = pq.read_table(Path(data.path) / "dev.parquet").to_pylist()
     # Longest first: generation over similar lengths wastes less compute on padding.
     dev_rows.sort(key=lambda r: -len(r["sentence"]))
@@ -151,7 +169,14 @@ def _train(out: Path, scratch: Path, model: Any, tokenizer: Any, ft: dict[str, A
 
 @finetune.configure
 def params(cfg: dict[str, Any], *, data: Artifact, student: Artifact, seed: int) -> dict[str, Any]:
-    """The recipe without the seed list (one run per seed) and the decoding used for dev selection."""
-    recipe = {k: v for k, v in cfg["finetune"].items() if k not in ("seeds", "seed")}
+    """The recipe without the seed list (one run per seed) and the decoding used for dev selection.
+
+    The subset settings are keyed only when a subset is drawn (`train_fraction` < 1), so the full
+    train split keeps the key it had before they existed and `subset_seed` alone never re-keys it."""
+    recipe = {k: v for k, v in cfg["finetune"].items() if k not in ("seeds", "seed", "train_fraction", "subset_seed")}
+    fraction = cfg["finetune"].get("train_fraction", 1.0)
+    if fraction < 1:
+        recipe["train_fraction"] = fraction
+        recipe["subset_seed"] = cfg["finetune"].get("subset_seed", 0)
     generation = {k: cfg["evaluate"][k] for k in ("max_new_tokens", "num_beams")}
     return {"data": data, "student": student, "seed": seed, "finetune": recipe, "generation": generation}

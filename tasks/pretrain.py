@@ -10,10 +10,17 @@ Two objectives on the same reviews:
 Seq2SeqTrainer with a cosine schedule decaying to `min_learning_rate`, gradient clipping and
 batches grouped by length (see benchmark/bench_pretrain.py). Checkpoints go to a scratch folder,
 so a killed run resumes from the last one.
+
+`distill.corpus_size` pretrains both arms on a prefix of the cleaned corpus (`corpus_rows`): the
+rows in one fixed shuffled order, drawn with the constant `CORPUS_ORDER_SEED` (not `pretrain.seed`,
+so every pretraining seed sees the same rows), first N rows (a whole number > 1) or the first
+ceil(fraction x total) (0 < fraction <= 1). Prefixes are nested: 50 pairs are among the 100. The
+subset is taken here, so generation and cleaning are reused across sizes.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +38,35 @@ from fsa_distill.errors import InputError
 from fsa_distill.models import TRAIN_LOCK, load_seq2seq, write_log
 
 OBJECTIVES = ("distill", "span_corruption")
+#: Seed of the one fixed shuffled order of the cleaned corpus whose prefixes `distill.corpus_size` takes.
+CORPUS_ORDER_SEED = 0
 
 
-def distill_pairs(corpus: Path) -> tuple[list[str], list[str]]:
-    """(review, teacher output with [NL] for newlines) for every cleaned corpus row."""
-    table = pq.read_table(corpus, columns=["review", "output"])
+def corpus_rows(total: int, size: float | None) -> list[int] | None:
+    """Row indices (ascending) of the corpus prefix for `size`, or None for the whole corpus.
+
+    The rows are put in one fixed shuffled order (`CORPUS_ORDER_SEED`); `size` > 1 (a whole number)
+    keeps that many of them (all when the corpus is smaller), 0 < size <= 1 keeps ceil(size x total),
+    at least 1.
+    """
+    if size is None:
+        return None
+    count = int(size) if size > 1 else max(1, math.ceil(size * total - 1e-9))
+    if count >= total:
+        return None
+    order = np.random.default_rng(CORPUS_ORDER_SEED).permutation(total)
+    return sorted(int(i) for i in order[:count])
+
+
+def _read_corpus(corpus: Path, columns: list[str], size: float | None) -> Any:
+    table = pq.read_table(corpus, columns=columns)
+    rows = corpus_rows(table.num_rows, size)
+    return table if rows is None else table.take(rows)
+
+
+def distill_pairs(corpus: Path, size: float | None = None) -> tuple[list[str], list[str]]:
+    """(review, teacher output with [NL] for newlines) for every cleaned corpus row (of the `size` prefix)."""
+    table = _read_corpus(corpus, ["review", "output"], size)
     reviews = table.column("review").to_pylist()
     return reviews, [newline_tokens(t) for t in table.column("output").to_pylist()]
 
@@ -45,10 +76,11 @@ def newline_tokens(text: str) -> str:
     return f" {NEWLINE_TOKEN} ".join(line.strip() for line in text.strip().split("\n"))
 
 
-def unique_reviews(corpus: Path) -> list[str]:
-    """The distinct review texts of the corpus, in first-seen order: the span-corruption arm's data."""
+def unique_reviews(corpus: Path, size: float | None = None) -> list[str]:
+    """The distinct review texts of the corpus (of its `size` prefix), in first-seen order: the
+    span-corruption arm's data."""
     seen: dict[str, None] = {}
-    for text in pq.read_table(corpus, columns=["review"]).column("review").to_pylist():
+    for text in _read_corpus(corpus, ["review"], size).column("review").to_pylist():
         seen.setdefault(text, None)
     return list(seen)
 
@@ -97,10 +129,12 @@ def span_corrupt(ids: list[int], sentinels: list[int], eos: int, density: float,
     return [*source, eos], [*target, eos]
 
 
-def build_dataset(objective: str, corpus: Path, tokenizer: Any, cfg: dict[str, Any]) -> Dataset:
-    """Tokenised training examples with a `length` column (source + target tokens) for grouping."""
+def build_dataset(objective: str, corpus: Path, tokenizer: Any, cfg: dict[str, Any],
+                  corpus_size: float | None = None) -> Dataset:  # fmt: skip
+    """Tokenised training examples with a `length` column (source + target tokens) for grouping,
+    from the whole corpus or its `corpus_size` prefix (`corpus_rows`)."""
     if objective == "distill":
-        sources, targets = distill_pairs(corpus)
+        sources, targets = distill_pairs(corpus, corpus_size)
         enc = tokenizer(sources, truncation=True, max_length=cfg["max_source_length"])
         lab = tokenizer(text_target=targets, truncation=True, max_length=cfg["max_target_length"])
         inputs, labels = enc["input_ids"], lab["input_ids"]
@@ -109,7 +143,7 @@ def build_dataset(objective: str, corpus: Path, tokenizer: Any, cfg: dict[str, A
         if tokenizer.unk_token_id in sentinels:
             raise InputError("span_corruption needs <extra_id_N> sentinel tokens in the student's tokenizer")
         rng = np.random.default_rng(cfg["seed"])
-        texts = unique_reviews(corpus)
+        texts = unique_reviews(corpus, corpus_size)
         ids = tokenizer(texts, truncation=True, max_length=cfg["max_source_length"] - 1, add_special_tokens=False)
         pairs = [
             span_corrupt(x, sentinels, tokenizer.eos_token_id, cfg["noise_density"], cfg["mean_span_length"], rng)
@@ -171,13 +205,14 @@ class _DropLength(DataCollatorForSeq2Seq):
 
 @stage("pretrain", resumable=True, unkeyed=("pretrain.save_steps",))
 def pretrain(out: Path, *, scratch: Path, student: Artifact, corpus: Artifact, objective: str,
-             pretrain: dict[str, Any]) -> None:  # fmt: skip
-    """Pretrain `student` with `objective` on the cleaned corpus; write the model and `pretrain_log.json`."""
+             pretrain: dict[str, Any], corpus_size: float | None = None) -> None:  # fmt: skip
+    """Pretrain `student` with `objective` on the cleaned corpus (or its `corpus_size` prefix); write the
+    model and `pretrain_log.json`."""
     model, tokenizer = load_seq2seq(student.path)
     if NEWLINE_TOKEN not in tokenizer.get_vocab():  # a hub checkpoint such as t5-base
         tokenizer.add_special_tokens({"additional_special_tokens": [NEWLINE_TOKEN]})
         model.resize_token_embeddings(len(tokenizer))
-    dataset = build_dataset(objective, Path(corpus.path) / "corpus.parquet", tokenizer, pretrain)
+    dataset = build_dataset(objective, Path(corpus.path) / "corpus.parquet", tokenizer, pretrain, corpus_size)
     with TRAIN_LOCK:
         trainer = Seq2SeqTrainer(
             model=model,
@@ -193,6 +228,7 @@ def pretrain(out: Path, *, scratch: Path, student: Artifact, corpus: Artifact, o
     (out / "training_args.bin").unlink(missing_ok=True)
     stats = {
         "objective": objective,
+        "corpus_size": corpus_size,
         "examples": len(dataset),
         "tokens": int(sum(dataset["length"])),
         "resumed_from": Path(resume).name if resume else None,
@@ -210,7 +246,19 @@ OBJECTIVE_ONLY = {"span_corruption": ("noise_density", "mean_span_length")}
 @pretrain.configure
 def params(cfg: dict[str, Any], *, student: Artifact, corpus: Artifact, objective: str) -> dict[str, Any]:
     """One arm's recipe: the list of objectives and the other arms' settings are not part of it,
-    so adding or dropping an arm, or tuning span corruption, never retrains the distill arm."""
+    so adding or dropping an arm, or tuning span corruption, never retrains the distill arm.
+    `corpus_size` is keyed only when it takes a proper prefix: None, 1.0 and a count at or above the
+    corpus's rows all pretrain on the whole corpus and keep the key it had before the setting existed."""
     foreign = {k for other, keys in OBJECTIVE_ONLY.items() if other != objective for k in keys}
     recipe = {k: v for k, v in cfg["pretrain"].items() if k != "objectives" and k not in foreign}
-    return {"student": student, "corpus": corpus, "objective": objective, "pretrain": recipe}
+    out = {"student": student, "corpus": corpus, "objective": objective, "pretrain": recipe}
+    size = cfg.get("distill", {}).get("corpus_size")
+    if size is not None and size != 1 and not (size > 1 and size >= _corpus_total(corpus)):
+        out["corpus_size"] = size
+    return out
+
+
+def _corpus_total(corpus: Artifact) -> float:
+    """Rows of the cleaned corpus (from the Parquet footer), or infinity when it cannot be read."""
+    path = Path(corpus.path) / "corpus.parquet"
+    return pq.ParquetFile(path).metadata.num_rows if path.is_file() else math.inf
