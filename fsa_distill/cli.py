@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from fsa_distill import CONF_DIR
 
@@ -33,7 +34,12 @@ def _run(argv: list[str]) -> int:
         from fsa_distill.flows.pipeline import fsa_distill
 
         result = fsa_distill(config=plain)
-        print(json.dumps({"parent_run_id": result["parent_run_id"], "report": result["report"]}))
+        summary = json.dumps({"parent_run_id": result["parent_run_id"], "report": result["report"]})
+        # beside Hydra's job folder too, where the sweep report (fsa_distill/sweep.py) reads it
+        from hydra.core.hydra_config import HydraConfig
+
+        (Path(HydraConfig.get().runtime.output_dir) / "result.json").write_text(summary)
+        print(summary)
 
     sys.argv = [sys.argv[0], *argv]
     job()

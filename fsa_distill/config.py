@@ -279,6 +279,32 @@ class SentimentConfig:
 
 
 @dataclass
+class TeacherEvalConfig:
+    """The teacher scored on the FSA benchmark by in-context prompting (benchmark/icl.py, conf/icl/)."""
+
+    enabled: bool = True
+    k: list[int] = field(default_factory=lambda: [4])  # demonstrations per prompt; one evaluation per k
+    seeds: list[int] = field(default_factory=lambda: [42, 52, 62])  # demonstration draws
+    templates: str = "v1"  # conf/icl/<templates>.yaml, versioned and keyed
+    max_new_tokens: int = 64
+    sample: int | None = None  # score a seeded sample of N test + hard_test sentences per dataset (None: all)
+
+
+@dataclass
+class ZeroShotConfig:
+    """Sentiment classification of every student arm (before fine-tuning) and of the teacher."""
+
+    enabled: bool = True
+    datasets: list[str] = field(default_factory=lambda: ["sst2", "imdb", "yelp2", "twitter"])
+    k: int = 0  # demonstrations per prompt: 0 is zero-shot
+    seeds: list[int] = field(default_factory=lambda: [42])
+    sample: int | None = None  # score a seeded sample of N test sentences per set (None: all)
+    batch_size: int = 16
+    max_source_length: int = 512  # students' encoder input, in tokens
+    teacher: bool = True  # also score the teacher
+
+
+@dataclass
 class Config:
     """The whole run configuration."""
 
@@ -298,6 +324,8 @@ class Config:
     clean: CleanConfig = field(default_factory=CleanConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sentiment: SentimentConfig = field(default_factory=SentimentConfig)
+    teacher_eval: TeacherEvalConfig = field(default_factory=TeacherEvalConfig)
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
 
 def register() -> None:
