@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from fsa_distill.benchmark.specs import DATASETS, slug
+from fsa_distill.benchmark.specs import slug
 from fsa_distill.flows.tracking import Tracker, flatten, git_commit, numeric
 from fsa_distill.tasks.acquire import acquire
 from fsa_distill.tasks.clean import clean
@@ -143,7 +143,7 @@ class Wiring:
     def _run(self, tracker: Tracker, parent: str) -> dict[str, Any]:
         cfg = self.cfg
         datasets = cfg["data"]["datasets"]
-        acquired = {d: self.spawn(lambda d=d: self.call(acquire, _slug(d), dataset=d)) for d in datasets}
+        acquired = {d: self.spawn(lambda d=d: self.call(acquire, slug(d), dataset=d)) for d in datasets}
 
         def data() -> list[Artifact]:
             return [acquired[d].result() for d in datasets]
@@ -210,7 +210,7 @@ class Wiring:
         def teacher_fsa_job(name: str, k: int, seed: int) -> Artifact:
             after_corpus()
             data = acquired[name].result()
-            return self.call(teacher_fsa, f"k{k}-{_slug(name)}-{seed}", self.generate_slots, data=data, k=k,
+            return self.call(teacher_fsa, f"k{k}-{slug(name)}-{seed}", self.generate_slots, data=data, k=k,
                              seed=seed)  # fmt: skip
 
         def teacher_sentiment_job(dataset: str, seed: int) -> Artifact:
@@ -273,19 +273,14 @@ class Wiring:
         return {"corpus": corpus, "generations": generations, "reviews": raw}
 
 
-def _slug(name: str) -> str:
-    """A dataset's short name in labels and metric keys: `rest14` for built-ins, `atsa-mine` for user sets."""
-    return DATASETS[name].slug if name in DATASETS else slug(name)
-
-
 def _label(arm: str, dataset: str, seed: int) -> str:
-    return f"{arm}-{_slug(dataset)}-{seed}"
+    return f"{arm}-{slug(dataset)}-{seed}"
 
 
 def _track_child(
     cfg: dict[str, Any], tracker: Tracker, parent: str, arm: str, name: str, seed: int, model: Artifact, ev: Artifact
 ) -> None:
-    short = _slug(name)
+    short = slug(name)
     student = cfg["student"]["name"]
     tags = {"kind": "finetune", "dataset": name, "seed": str(seed), "student": student, "arm": arm,
             "model_sha256": model.sha256}  # fmt: skip
@@ -318,7 +313,7 @@ def _track_teacher(
     """A child run per in-context evaluation of the teacher, with the students' metric names."""
     teacher = cfg["teacher"]
     with tracker.child(
-        f"{model}-{_slug(name)}-{seed}",
+        f"{model}-{slug(name)}-{seed}",
         {"dataset": name, "seed": str(seed), "model": model, **flatten("teacher_eval", cfg["teacher_eval"]),
          "teacher.name": teacher["name"], "teacher.backend": teacher["backend"]},
         {"kind": "teacher-eval", "dataset": name, "seed": str(seed), "model": model, "teacher": teacher["name"]},
@@ -357,7 +352,7 @@ def _track_report(tracker: Tracker, parent: str, report_dir: Path) -> None:
     tracker.files(parent, report_dir, "report")
     tracker.metrics(
         parent,
-        {f"{r.student}.{_slug(r.dataset)}.{r.test_type}.f1_mean": r.f1_mean for r in summary.itertuples()},
+        {f"{r.student}.{slug(r.dataset)}.{r.test_type}.f1_mean": r.f1_mean for r in summary.itertuples()},
     )
     sentiment = pd.read_csv(report_dir / "sentiment.csv")
     if len(sentiment):

@@ -47,7 +47,8 @@ def test_deployment_runs_with_overrides(tmp_path):
     parents = client.search_runs([exp.experiment_id], "attributes.run_name = 'from-deployment'")
     assert len(parents) == 1 and parents[0].data.params["finetune.learning_rate"] == "0.002"
     assert parents[0].info.status == "FINISHED"
-    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    query = f"tags.mlflow.parentRunId = '{parents[0].info.run_id}' and tags.kind = 'finetune'"
+    children = client.search_runs([exp.experiment_id], query)
     assert len(children) == 2
 
 

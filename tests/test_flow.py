@@ -62,9 +62,9 @@ def test_flow_tracks_parent_children_metrics_and_models(first_run):
     # the leaderboard: the teacher in context and the baseline student on FSA and on sentiment
     board = pd.read_csv(Path(result["report"]) / "leaderboard.csv")
     assert list(board.model) == ["teacher-k0", "teacher-k4", "baseline"]
-    assert {"rest14 normal", "rest14 hard", "rest16 normal", "sst2 macro-F1"} <= set(board.columns)
+    assert {"atsa/rest14 normal", "atsa/rest14 hard", "acsa/rest16 normal", "sst2 macro-F1"} <= set(board.columns)
     assert "leaderboard.json" in parent_files
-    assert "teacher-k4.rest14.normal.f1_mean" in parent.data.metrics
+    assert "teacher-k4.atsa-rest14.normal.f1_mean" in parent.data.metrics
     assert "baseline.sst2.macro_f1_mean" in parent.data.metrics
 
     exp = parent.info.experiment_id

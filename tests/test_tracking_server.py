@@ -31,7 +31,8 @@ def test_flow_logs_and_registers_on_a_tracking_server(tmp_path):
         client = MlflowClient(url)
         parent = client.get_run(result["parent_run_id"])
         assert parent.info.status == "FINISHED"
-        (child,) = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        query = f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.kind = 'finetune'"
+        (child,) = client.search_runs([parent.info.experiment_id], query)
         assert "test_normal_f1" in child.data.metrics
         name, version = child.data.tags["model_version"].split("/")
         files = {f.path for f in client.list_artifacts(child.info.run_id, "model")}
