@@ -70,6 +70,19 @@ def first_token_ids(tokenizer: Any, label_words: Sequence[str]) -> list[int]:
     return ids
 
 
+def _padded(rows: Sequence[Sequence[int]], pad: int, *, left: bool, device: Any) -> tuple[Any, Any]:
+    """(ids, attention mask) of a batch padded to its longest row: on the left for decoder-only
+    models (the next token follows the last real one), on the right for encoders."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        span = slice(width - len(ids), width) if left else slice(0, len(ids))
+        input_ids[row, span] = torch.tensor(list(ids), dtype=torch.long)
+        mask[row, span] = 1
+    return input_ids.to(device), mask.to(device)
+
+
 @torch.inference_mode()
 def causal_label_scores(
     model: Any,
@@ -98,14 +111,7 @@ def causal_label_scores(
     scores: list[list[float]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            n = len(encoded[i])
-            input_ids[row, width - n :] = torch.tensor(encoded[i], dtype=torch.long)
-            mask[row, width - n :] = 1
-        input_ids, mask = input_ids.to(dev), mask.to(dev)
+        input_ids, mask = _padded([encoded[i] for i in idx], pad, left=True, device=dev)
         if with_positions:
             options["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=input_ids, attention_mask=mask, **options).logits[:, -1, :]
@@ -172,14 +178,7 @@ def seq2seq_label_loglik(
     scores: list[list[float]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            n = len(encoded[i])
-            input_ids[row, :n] = torch.tensor(encoded[i], dtype=torch.long)
-            mask[row, :n] = 1
-        input_ids, mask = input_ids.to(dev), mask.to(dev)
+        input_ids, mask = _padded([encoded[i] for i in idx], pad, left=False, device=dev)
         hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
         # Row r * n_labels + j: prompt r with label j.
         hidden = hidden.repeat_interleave(n_labels, dim=0)
