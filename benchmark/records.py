@@ -13,10 +13,7 @@ so it imports no stage.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -24,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+from fsa_distill.benchmark.files import read_records
 from fsa_distill.benchmark.protocol import POLARITIES, is_implicit, is_mams, make_target
 from fsa_distill.benchmark.specs import SHA256, UserDatasetSpec, get_spec, is_url
 
@@ -222,7 +219,7 @@ def load_split(source: str, dataset: str, split: str, timeout_s: float = 60.0) -
     actual = hashlib.sha256(data).hexdigest()
     if expected is not None and actual != expected:
         raise InputError(f"{where}: sha256 mismatch (expected {expected}, got {actual}); the file is corrupted")
-    records = _read_records(where, data, "json", None, "record")
+    records = read_records(where, data, "json")
     rows = [normalise_record(spec.task, r, f"{where} [{pos}]", strict=expected is None) for pos, r in records]
     _unique_ids(rows, where)
     for row in rows:
@@ -233,82 +230,6 @@ def load_split(source: str, dataset: str, split: str, timeout_s: float = 60.0) -
 # --- user datasets (`data.custom.<name>`) -------------------------------------------------------------------------
 
 _ASPECT_FIELDS = ("target", "category", "polarity", "from", "to", "opinion_words")
-
-
-def _decode(location: str, data: bytes) -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{location}: not UTF-8 text ({exc})") from None
-
-
-def _read_records(location: str, data: bytes, fmt: str, delimiter: str | None, unit: str) -> list[tuple[str, Any]]:
-    """(position, record) of every record in a file; the position names it (`record 3`, `row 2, line 4`).
-
-    An empty file, malformed JSON/CSV/Parquet and a file without records are InputErrors naming the file.
-    """
-    if fmt == "parquet":
-        if not data:
-            raise InputError(f"{location}: empty file (no records)")
-        try:
-            table = pq.read_table(pa.BufferReader(data))
-        except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a corrupt file
-            raise InputError(f"{location}: malformed Parquet: {exc}") from None
-        records: list[tuple[str, Any]] = [(f"{unit} {i}", r) for i, r in enumerate(table.to_pylist())]
-    else:
-        text = _decode(location, data)
-        if not text.strip():
-            raise InputError(f"{location}: empty file (no records)")
-        if fmt == "json":
-            try:
-                parsed = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise InputError(
-                    f"{location}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-                ) from None
-            if not isinstance(parsed, list):
-                hint = " (JSON lines? set format: jsonl)" if isinstance(parsed, dict) else ""
-                raise InputError(f"{location}: expected a JSON array of records, got {type(parsed).__name__}{hint}")
-            records = [(f"{unit} {i}", r) for i, r in enumerate(parsed)]
-        elif fmt == "jsonl":
-            records = []
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                pos = f"{unit} {len(records)}, line {lineno}"
-                try:
-                    records.append((pos, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{location} [{pos}]: malformed JSON at column {exc.colno}: {exc.msg}") from None
-        else:
-            records = _csv_records(location, text, delimiter, unit)
-    if not records:
-        raise InputError(f"{location}: no records (an empty {fmt} file)")
-    return records
-
-
-def _csv_records(location: str, text: str, delimiter: str | None, unit: str) -> list[tuple[str, Any]]:
-    """CSV/TSV with a header row; a row whose field count differs from the header's is malformed."""
-    sep = delimiter or ("\t" if location.lower().endswith(".tsv") else ",")
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep, strict=True)
-    records: list[tuple[str, Any]] = []
-    header: list[str] | None = None
-    try:
-        for fields in reader:
-            if header is None:
-                header = fields
-                continue
-            if not fields:  # a blank line
-                continue
-            pos = f"{unit} {len(records)}, line {reader.line_num}"
-            if len(fields) != len(header):
-                raise InputError(
-                    f"{location} [{pos}]: malformed CSV: {len(fields)} fields, the header has {len(header)}"
-                )
-            records.append((pos, dict(zip(header, fields, strict=True))))
-    except csv.Error as exc:
-        raise InputError(f"{location} [line {reader.line_num}]: malformed CSV: {exc}") from None
-    return records
 
 
 Located = tuple[str, dict[str, Any], list[str] | None]  # where, record in the benchmark schema, aspect positions
@@ -387,7 +308,7 @@ def _load_user_file(spec: UserDatasetSpec, split: str, timeout_s: float) -> tupl
             f"{split}, or the file's content when the run was configured): a different or edited file"
         )
     fmt, layout = spec.formats[split], spec.layouts[split]
-    records = _read_records(location, data, fmt, spec.delimiter, "row" if layout == "flat" else "record")
+    records = read_records(location, data, fmt, spec.delimiter, "row" if layout == "flat" else "record")
     located = _flat(spec, location, records) if layout == "flat" else _nested(spec, location, records)
     rows = [
         normalise_record(spec.task, record, where, strict=True, aspect_where=rows_at, columns=dict(spec.columns))

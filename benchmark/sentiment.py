@@ -9,10 +9,7 @@ own labels. Pure Python + pyarrow: no torch, no stage imports.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -20,18 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fsa_distill.errors import InputError
+from fsa_distill.benchmark.files import COMMAS, format_of, read_records
 
-FORMATS: tuple[str, ...] = ("json", "jsonl", "csv", "parquet")
-_EXTENSIONS: dict[str, str] = {
-    ".json": "json",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".csv": "csv",
-    ".tsv": "csv",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-}
+from fsa_distill.errors import InputError
 
 Row = dict[str, Any]
 
@@ -55,21 +43,6 @@ class SentimentSpec:
     def splits(self) -> tuple[str, ...]:
         """The declared split names, in declaration order."""
         return tuple(self.files)
-
-
-def _format_of(path: Path, declared: str | None, where: str) -> str:
-    """The declared format, else the one the file extension implies; an unknown one is a config error."""
-    if declared is not None:
-        if declared not in FORMATS:
-            raise InputError(f"{where}: format {declared!r} is not one of {', '.join(FORMATS)}")
-        return declared
-    fmt = _EXTENSIONS.get(path.suffix.lower())
-    if fmt is None:
-        raise InputError(
-            f"{where}: cannot tell the format of {path.name!r} from its extension; set format to one of "
-            f"{', '.join(FORMATS)}"
-        )
-    return fmt
 
 
 def spec_from_config(name: str, entry: Mapping[str, Any]) -> SentimentSpec:
@@ -101,7 +74,7 @@ def spec_from_config(name: str, entry: Mapping[str, Any]) -> SentimentSpec:
     source = entry.get("source")
     base = Path(source).expanduser() if source else Path()
     paths = {split: base / Path(str(rel)).expanduser() for split, rel in files.items()}
-    formats = {split: _format_of(path, entry.get("format"), f"{where}.files.{split}") for split, path in paths.items()}
+    formats = {split: format_of(path, entry.get("format"), f"{where}.files.{split}") for split, path in paths.items()}
     return SentimentSpec(
         name=name,
         files=paths,
@@ -122,65 +95,6 @@ def get_dataset(sentiment_cfg: Mapping[str, Any], name: str) -> SentimentSpec:
     if name not in datasets:
         raise ValueError(f"unknown sentiment dataset {name!r}; known: {', '.join(datasets) or 'none'}")
     return spec_from_config(name, datasets[name])
-
-
-def _records_json(path: Path, text: str) -> list[tuple[str, Any]]:
-    """A JSON array of objects (upstream's layout); each record is located by its index."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    if not isinstance(data, list):
-        hint = " (JSON lines? set format: jsonl)" if isinstance(data, dict) else ""
-        raise InputError(f"{path}: expected a JSON array of records, got a {type(data).__name__}{hint}")
-    return [(f"record {i}", record) for i, record in enumerate(data)]
-
-
-def _records_jsonl(path: Path, text: str) -> list[tuple[str, Any]]:
-    """One JSON object per line; blank lines are skipped and do not count as records."""
-    records: list[tuple[str, Any]] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"record {len(records)} (line {lineno})"
-        try:
-            records.append((where, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}, {where}: malformed JSON at column {exc.colno}: {exc.msg}") from None
-    return records
-
-
-def _records_csv(path: Path, text: str, delimiter: str | None) -> list[tuple[str, Any]]:
-    """CSV/TSV with a header row; a row whose field count differs from the header's is malformed."""
-    sep = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep, strict=True)
-    records: list[tuple[str, Any]] = []
-    header: list[str] | None = None
-    try:
-        for fields in reader:
-            if header is None:
-                header = fields
-                continue
-            if not fields:  # a blank line
-                continue
-            where = f"record {len(records)} (line {reader.line_num})"
-            if len(fields) != len(header):
-                raise InputError(f"{path}, {where}: malformed CSV: {len(fields)} fields, the header has {len(header)}")
-            records.append((where, dict(zip(header, fields, strict=True))))
-    except csv.Error as exc:
-        raise InputError(f"{path}, line {reader.line_num}: malformed CSV: {exc}") from None
-    return records
-
-
-def _records_parquet(path: Path) -> list[tuple[str, Any]]:
-    """All rows of a Parquet file; an unreadable file is reported as such, not as a pyarrow traceback."""
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a corrupt file
-        raise InputError(f"{path}: malformed Parquet: {exc}") from None
-    return [(f"record {i}", record) for i, record in enumerate(table.to_pylist())]
 
 
 def _raw_key(value: Any) -> str:
@@ -225,24 +139,7 @@ def load_split(spec: SentimentSpec, split: str) -> list[Row]:
             f"{path}: sha256 {hashlib.sha256(data).hexdigest()} does not match the pinned {expected} "
             f"(sentiment.datasets.{spec.name}.sha256.{split}); is the source the right copy?"
         )
-    if not data.strip():
-        raise InputError(f"{path}: empty file (no records)")
-    fmt = spec.formats[split]
-    if fmt == "parquet":
-        records = _records_parquet(path)
-    else:
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{path}: not UTF-8 text ({exc})") from None
-        if fmt == "json":
-            records = _records_json(path, text)
-        elif fmt == "jsonl":
-            records = _records_jsonl(path, text)
-        else:
-            records = _records_csv(path, text, spec.delimiter)
-    if not records:
-        raise InputError(f"{path}: no records (an empty {fmt} file)")
+    records = read_records(path, data, spec.formats[split], spec.delimiter, style=COMMAS)
     rows: list[Row] = []
     for i, (where_in_file, record) in enumerate(records):
         where = f"{path}, {where_in_file}"

@@ -10,8 +10,10 @@ import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
+
+from fsa_distill.benchmark.files import FORMATS, format_of
 
 from fsa_distill.errors import InputError
 
@@ -73,20 +75,10 @@ def slug(name: str) -> str:
 # --- user datasets, declared in YAML only (`data.custom.<name>`) -------------------------------------------------
 
 REQUIRED_SPLITS: tuple[str, ...] = ("train", "dev", "test")
-FORMATS: tuple[str, ...] = ("json", "jsonl", "csv", "parquet")
 LAYOUTS: tuple[str, ...] = ("nested", "flat")
 #: The benchmark record's fields: what `columns` may rename. ID/sentence/aspects are a record's (nested) or a
 #: row's (flat, minus aspects) fields; the rest are an aspect's.
 FIELDS: tuple[str, ...] = ("ID", "sentence", "aspects", "target", "category", "polarity", "from", "to", "opinion_words")
-_EXTENSIONS: dict[str, str] = {
-    ".json": "json",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".csv": "csv",
-    ".tsv": "csv",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-}
 _NAME = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?")
 
 
@@ -126,20 +118,6 @@ class UserDatasetSpec:
             "columns": dict(self.columns),
             "delimiter": self.delimiter,
         }
-
-
-def _format_of(location: str, declared: str | None, where: str) -> str:
-    """The declared format (already checked), else the one the file extension implies."""
-    if declared is not None:
-        return declared
-    path = urllib.parse.urlparse(location).path if is_url(location) else location
-    fmt = _EXTENSIONS.get(PurePosixPath(path).suffix.lower())
-    if fmt is None:
-        raise InputError(
-            f"{where}: cannot tell the format of {PurePosixPath(path).name!r} from its extension; "
-            f"set format to one of {', '.join(FORMATS)}"
-        )
-    return fmt
 
 
 def _locate(source: str | None, rel: str) -> str:
@@ -195,7 +173,7 @@ def user_spec(name: str, entry: Mapping[str, Any]) -> UserDatasetSpec:
     source = entry.get("source")
     ordered = [s for s in SPLITS if s in files]
     locations = {s: _locate(source, files[s]) for s in ordered}
-    formats = {s: _format_of(locations[s], entry.get("format"), f"{where}.files.{s}") for s in ordered}
+    formats = {s: format_of(locations[s], entry.get("format"), f"{where}.files.{s}") for s in ordered}
     layouts = {s: layout or ("flat" if formats[s] == "csv" else "nested") for s in ordered}
     for split in ordered:
         if formats[split] == "csv" and layouts[split] == "nested":
