@@ -141,11 +141,16 @@ def extract_label(continuation: str) -> str:
       (before any `Sentence:` on it);
     - later lines, including a `Label:` of a demonstration the model invents after its answer, are
       ignored (upstream reads the (k+1)-th `Label:` of the full text, never a later one);
+    - a line that is only the marker (`Label:` then the answer on the next line) is skipped, as
+      upstream's `Label:\\s*` skips the newline;
     - a continuation with nothing but whitespace gives "" (no pair: right for an empty gold).
     """
     for line in continuation.split("\n"):
         if not line.strip():
             continue
         line = line.split(SENTENCE_MARK, 1)[0]
-        return line.rsplit(LABEL_MARK, 1)[-1].strip()
+        label = line.rsplit(LABEL_MARK, 1)[-1].strip()
+        if not label and LABEL_MARK in line:
+            continue  # the marker alone: the answer is on a following line
+        return label
     return ""

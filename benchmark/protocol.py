@@ -135,12 +135,19 @@ def score_rows(
     task: str,
     rows: Iterable[Mapping[str, Any]],
     test_types: Sequence[str] = TEST_TYPES,
-) -> dict[str, dict[str, float]]:
-    """Score rows with keys sentence, gold (target string), prediction, split, implicit, mams."""
+) -> dict[str, dict[str, float | None]]:
+    """Score rows with keys sentence, gold (target string), prediction, split, implicit, mams.
+
+    A test type that selects no sentence gets None for precision, recall and F1 (the paper's
+    convention of 1 for an empty list would report a perfect score for nothing).
+    """
     rows = list(rows)
     out: dict[str, dict[str, float]] = {}
     for test_type in test_types:
         chosen = [r for r in rows if in_test_type(test_type, r["split"], r["implicit"], r["mams"])]
+        if not chosen:  # no sentence of this type (a set without hard_test, a small sample): no score, not 100%
+            out[test_type] = {"precision": None, "recall": None, "f1": None, "n_sentences": 0.0}
+            continue
         gold = [parse_pairs(task, r["gold"], r["sentence"]) for r in chosen]
         pred = [parse_pairs(task, r["prediction"], r["sentence"]) for r in chosen]
         out[test_type] = {**micro_prf(gold, pred), "n_sentences": float(len(chosen))}

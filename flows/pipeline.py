@@ -3,16 +3,20 @@ between them, picks the task runner and writes MLflow runs.
 
 acquire (per dataset) -> student ──────────────────────────────────────────┐ baseline
 reviews -> generate (per shard) -> clean -> pretrain (per objective) ─────┤ distill, span_corruption
+                                                                          ├─> zeroshot (arm x sentiment set x seed)
                                                                           └─> finetune (arm x dataset x seed)
-                                                                              -> evaluate -> report
+                                                                              -> evaluate ─┐
+acquire -> teacher_fsa (dataset x k x seed) ───────────────────────────────────────────────┤
+sentiment sets -> teacher_sentiment (set x seed) ──────────────────────────────────────────┴─> report
 """
 
 from __future__ import annotations
 
 import contextvars
 import json
+import logging
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,9 @@ from fsa_distill.tasks.report import report
 from fsa_distill.tasks.reviews import reviews
 from fsa_distill.tasks.stage import Stage
 from fsa_distill.tasks.student import init_student
-from fsa_distill.tasks.teacher_eval import teacher_fsa, teacher_sentiment, zeroshot
+from fsa_distill.tasks.teacher_fsa import teacher_fsa
+from fsa_distill.tasks.teacher_sentiment import teacher_sentiment
+from fsa_distill.tasks.zeroshot import zeroshot
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -86,6 +92,9 @@ def fsa_distill(overrides: list[str] | None = None, config: dict[str, Any] | Non
         tracker.end(parent, ok)
 
 
+_log = logging.getLogger("fsa_distill.flow")
+
+
 class _Cancelled(Exception):
     """Another branch of the DAG failed: work not yet submitted is not started."""
 
@@ -109,7 +118,12 @@ class Wiring:
         self.train_slots = threading.BoundedSemaphore(workers if cfg["runner"]["kind"] == "dask" else 1)
         self.generate_slots = threading.BoundedSemaphore(max(1, workers - 1))
         self.failed = threading.Event()
-        self.pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="fsa-dag")
+        self.error: BaseException | None = None  # the first real failure, raised by the flow
+        self._lock = threading.Lock()
+        # Driver threads mostly wait: the pool must never be the limit (a thread blocked on an
+        # upstream result must not keep the stage it waits for from starting).
+        self.pool = ThreadPoolExecutor(max_workers=100_000, thread_name_prefix="fsa-dag")
+        self.futures: list[Future] = []
 
     def spawn(self, fn: Any, *args: Any) -> Future:
         """Run a DAG branch in a driver thread that sees the flow run's context."""
@@ -118,11 +132,29 @@ class Wiring:
         def guarded() -> Any:
             try:
                 return ctx.run(fn, *args)
-            except BaseException:
+            except _Cancelled:
+                raise
+            except BaseException as exc:
+                with self._lock:
+                    if self.error is None:
+                        self.error = exc
+                        _log.error("%s: %s; stages not yet started are cancelled", type(exc).__name__, exc)
                 self.failed.set()
                 raise
 
-        return self.pool.submit(guarded)
+        future = self.pool.submit(guarded)
+        self.futures.append(future)
+        return future
+
+    def wait(self) -> None:
+        """Wait for every branch; on the first failure, raise it (never a branch cancelled because of it)."""
+        while True:
+            pending = [f for f in self.futures if not f.done()]
+            if self.failed.is_set() or not pending:
+                break
+            wait(pending, return_when=FIRST_EXCEPTION)
+        if self.error is not None:
+            raise self.error
 
     def call(self, stage: Stage, label: str, lane: threading.Semaphore | None = None, **inputs: Any) -> Artifact:
         """Submit one stage when a slot (and its lane's slot) is free; its output, bound to the store."""
@@ -138,6 +170,7 @@ class Wiring:
         try:
             return self._run(tracker, parent)
         finally:
+            self.failed.set()  # whatever ended the run (an error, Ctrl-C), start nothing more
             self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _run(self, tracker: Tracker, parent: str) -> dict[str, Any]:
@@ -158,7 +191,8 @@ class Wiring:
         runs = [(arm, name, seed) for arm in arms for name in datasets for seed in seeds(cfg)]
         jobs = {run: self.spawn(self._finetune_and_evaluate, arms[run[0]], acquired[run[1]], *run) for run in runs}
         teacher_jobs, sentiment_jobs = self._evaluations(arms, acquired, corpus)
-        done = {run: job.result() for run, job in jobs.items()}  # re-raises the first failure
+        self.wait()
+        done = {run: job.result() for run, job in jobs.items()}
         teacher_done = {run: job.result() for run, job in teacher_jobs.items()}
         sentiment_done = {run: job.result() for run, job in sentiment_jobs.items()}
         built = corpus.result() if corpus is not None else None

@@ -244,7 +244,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
+        batch = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None and float(v) == float(v)]
         for i in range(0, len(batch), 500):
             self.client.log_batch(run_id, metrics=batch[i : i + 500])
 

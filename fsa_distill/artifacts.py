@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -136,6 +137,8 @@ def fingerprint(model: str) -> str:
 
 
 _MEMO: dict[tuple[str, int, int], str] = {}
+_MEMO_LOCKS: dict[str, threading.Lock] = {}
+_MEMO_GUARD = threading.Lock()
 
 
 def _stat_memo_sha256(path: Path) -> str:
@@ -146,8 +149,11 @@ def _stat_memo_sha256(path: Path) -> str:
     """
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _MEMO:
-        _MEMO[key] = sha256_file(path)
+    with _MEMO_GUARD:
+        lock = _MEMO_LOCKS.setdefault(key[0], threading.Lock())
+    with lock:  # shards fingerprint the teacher at the same moment: one of them reads the file
+        if key not in _MEMO:
+            _MEMO[key] = sha256_file(path)
     return _MEMO[key]
 
 

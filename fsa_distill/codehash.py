@@ -7,7 +7,8 @@ what a module declares in `__code_deps__` for what no import shows (a script run
 backend picked by name at run time). So editing a helper re-keys exactly the stages that import
 it, and a comment or docstring edit re-keys none.
 
-`ast.dump` can differ between Python minor versions, so the version is part of every digest.
+The normalised code is `ast.unparse` of that tree, which names no AST fields, so the same
+source gives the same digest on Python 3.11 and 3.12.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
-import sys
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
@@ -24,7 +24,6 @@ from pathlib import Path
 PROJECT = "fsa_distill"
 #: The runner: not part of any stage's logic, and an edit to it must not drop every cache.
 EXCLUDED = frozenset({"fsa_distill.tasks.stage", "fsa_distill.codehash"})
-PY = f"py{sys.version_info[0]}.{sys.version_info[1]}"
 
 
 def _origin(module: str) -> Path | None:
@@ -66,8 +65,11 @@ def _parsed(path: Path, mtime_ns: int) -> tuple[str, tuple[str, ...], tuple[str,
             isinstance(t, ast.Name) and t.id == "__code_deps__" for t in node.targets
         ):
             declared.extend(ast.literal_eval(node.value))
-    normalised = ast.dump(_strip_docstrings(tree), annotate_fields=False, include_attributes=False)
-    digest = hashlib.sha256(f"{PY}\n{normalised}".encode()).hexdigest()
+    # `ast.unparse` of the tree without docstrings: comments and formatting never reach it, and unlike
+    # `ast.dump` it names no node fields, which change between Python minors (a workdir copied to a
+    # machine with another Python stays cached; should unparse ever differ, it only re-keys).
+    normalised = ast.unparse(_strip_docstrings(tree))
+    digest = hashlib.sha256(normalised.encode()).hexdigest()
     return digest, tuple(imports), tuple(declared)
 
 

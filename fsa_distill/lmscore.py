@@ -70,6 +70,15 @@ def first_token_ids(tokenizer: Any, label_words: Sequence[str]) -> list[int]:
     return ids
 
 
+def keep_ends(ids: list[int], limit: int | None, head: int = 64) -> list[int]:
+    """`ids` cut to `limit` tokens by dropping the middle: the first `head` (at most a quarter of the
+    limit) and the last ones are kept, so the instruction and the end of the prompt both remain."""
+    if not limit or len(ids) <= limit:
+        return ids
+    first = min(head, limit // 4)
+    return ids[:first] + ids[len(ids) - (limit - first) :]
+
+
 def _padded(rows: Sequence[Sequence[int]], pad: int, *, left: bool, device: Any) -> tuple[Any, Any]:
     """(ids, attention mask) of a batch padded to its longest row: on the left for decoder-only
     models (the next token follows the last real one), on the right for encoders."""
@@ -149,13 +158,13 @@ def seq2seq_label_loglik(
 
     Each batch runs the encoder once and the decoder on every (prompt, label) pair, so a batch of
     `batch_size` prompts makes `batch_size * len(label_words)` decoder rows. Log-probabilities are
-    taken in float32. `max_source_length` truncates the encoder input (None: no truncation, as
-    upstream; a student fine-tuned at 512 tokens may want 512).
+    taken in float32. `max_source_length` bounds the encoder input (None: no bound, as upstream).
+    A longer prompt loses its middle (`keep_ends`): its start holds the instruction and its end the
+    test sentence's last words and `Label:`, and both must survive for the question to be asked.
     """
     targets = label_target_ids(tokenizer, label_words)
     n_labels = len(targets)
-    truncate = {"truncation": True, "max_length": max_source_length} if max_source_length else {}
-    encoded = [tokenizer(p, **truncate)["input_ids"] for p in prompts]
+    encoded = [keep_ends(tokenizer(p)["input_ids"], max_source_length) for p in prompts]
     order = _order([len(e) for e in encoded], sort_by_length)
     pad = _pad_id(tokenizer)
     start_id = model.config.decoder_start_token_id

@@ -7,30 +7,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from fsa_distill.benchmark.protocol import parse_pairs, score_rows
-from fsa_distill.tasks.acquire import read_meta
+from fsa_distill.benchmark.predictions import read_test_rows, write_scored
 from fsa_distill.tasks.stage import stage
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fsa_distill.artifacts import Artifact
 from fsa_distill.models import load_seq2seq
-
-PAIR = pa.struct([("label", pa.string()), ("polarity", pa.string())])
-PREDICTIONS = pa.schema(
-    [
-        ("ID", pa.string()),
-        ("split", pa.string()),
-        ("sentence", pa.string()),
-        ("gold", pa.string()),
-        ("prediction", pa.string()),
-        ("pairs", pa.list_(PAIR)),
-        ("implicit", pa.bool_()),
-        ("mams", pa.bool_()),
-    ]
-)
 
 
 def device() -> torch.device:
@@ -90,11 +73,7 @@ def evaluate(
 
     Inputs are truncated at `max_source_length`, the length the model was fine-tuned and selected on.
     """
-    task = read_meta(data.path)["task"]
-    rows = (
-        pq.read_table(Path(data.path) / "test.parquet").to_pylist()
-        + pq.read_table(Path(data.path) / "hard_test.parquet").to_pylist()
-    )
+    task, rows = read_test_rows(data.path)
     net, tokenizer = load_model(model.path)
     predictions = generate(
         net,
@@ -106,24 +85,7 @@ def evaluate(
         sort_by_length=evaluate["sort_by_length"],
         max_source_length=max_source_length,
     )
-    records = []
-    for row, prediction in zip(rows, predictions, strict=True):
-        pairs = parse_pairs(task, prediction, row["sentence"])
-        records.append(
-            {
-                "ID": row["ID"],
-                "split": row["split"],
-                "sentence": row["sentence"],
-                "gold": row["target"],
-                "prediction": prediction,
-                "pairs": [{"label": label, "polarity": pol} for label, pol in pairs],
-                "implicit": row["implicit"],
-                "mams": row["mams"],
-            }
-        )
-    pq.write_table(pa.Table.from_pylist(records, schema=PREDICTIONS), out / "predictions.parquet")
-    metrics = score_rows(task, records, evaluate["test_types"])
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_scored(out, task, rows, predictions, evaluate["test_types"])
 
 
 @evaluate.configure

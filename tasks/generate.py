@@ -43,6 +43,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 from fsa_distill.tasks.stage import stage
+from fsa_distill.tasks.teachers import BACKEND_ONLY
+from fsa_distill.tasks.teachers import BACKENDS as _BACKENDS
 from fsa_distill.tasks.teachers.common import (
     FINISH_REASONS,
     GENERATIONS,
@@ -72,17 +74,13 @@ __all__ = [
 #: backend name -> module with `generate(pairs, teacher) -> (generations, measured)`. Imported by
 #: name at run time, never here: the stage's own code version then holds no backend, and the
 #: params key only the chosen one (`backend_code`).
-BACKENDS = {
-    "transformers": "fsa_distill.tasks.teachers.hf",
-    "vllm": "fsa_distill.tasks.teachers.vllm",
-    "openai": "fsa_distill.tasks.teachers.openai_compat",
-}
+BACKENDS = _BACKENDS
 #: The `released` stage's names, re-exported lazily (module `__getattr__`) so its code is not in this stage's key.
 _RELEASED = {"import_released", "read_released", "released_params"}
 REVIEWS_FILE = "reviews.parquet"
 CHECKPOINT = "pairs.jsonl"
 #: Teacher settings read by one backend only: for the others they are blanked in the params (no re-key).
-_BACKEND_ONLY = {"base_url": ("openai", None), "vllm_args": ("vllm", {}), "batch_size": ("transformers", None)}
+_BACKEND_ONLY = BACKEND_ONLY
 #: Dotted paths into the params that change how the stage runs, not what it writes.
 UNKEYED = (
     "teacher.model",  # the path; its content is keyed as `model_fingerprint`

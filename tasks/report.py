@@ -29,7 +29,7 @@ def collect(results: list[dict[str, Any]]) -> pd.DataFrame:
                     "dataset": result["dataset"],
                     "seed": result["seed"],
                     "test_type": test_type,
-                    **{k: values[k] for k in ("precision", "recall", "f1")},
+                    **{k: float("nan") if values[k] is None else values[k] for k in ("precision", "recall", "f1")},
                 }
             )
     return pd.DataFrame(rows)
@@ -40,14 +40,16 @@ def summarise(per_seed: pd.DataFrame) -> pd.DataFrame:
     grouped = per_seed.groupby(["student", "dataset", "test_type"], sort=False)
     out = grouped[["precision", "recall", "f1"]].agg(["mean", "std"]).mul(100)
     out.columns = [f"{metric}_{stat}" for metric, stat in out.columns]
-    out = out.fillna(0.0)
+    std = [c for c in out.columns if c.endswith("_std")]
+    out[std] = out[std].fillna(0.0)  # one seed: no spread; a mean stays NaN where nothing was scored
     out["n_seeds"] = grouped.size()
     return out.reset_index()
 
 
 def markdown_table(summary: pd.DataFrame) -> str:
     """F1 (mean ± std) with datasets × test types as columns and students as rows."""
-    cell = summary.assign(value=summary.f1_mean.map("{:.2f}".format) + " ± " + summary.f1_std.map("{:.2f}".format))
+    value = summary.f1_mean.map("{:.2f}".format) + " ± " + summary.f1_std.map("{:.2f}".format)
+    cell = summary.assign(value=value.where(summary.f1_mean.notna(), "–"))
     return _wide_markdown(cell)
 
 
@@ -125,7 +127,7 @@ def leaderboard(summary: pd.DataFrame, sentiment: pd.DataFrame) -> pd.DataFrame:
     cells: dict[str, dict[str, str]] = {}
 
     def put(model: str, column: str, mean: float, std: float) -> None:
-        cells.setdefault(model, {})[column] = f"{mean:.2f} ± {std:.2f}"
+        cells.setdefault(model, {})[column] = "–" if mean != mean else f"{mean:.2f} ± {std:.2f}"
 
     for r in summary[summary.test_type.isin(["normal", "hard"])].itertuples():
         put(r.student, f"{r.dataset} {r.test_type}", r.f1_mean, r.f1_std)

@@ -130,3 +130,12 @@ def test_moved_workdir_rerun_is_fully_cached_and_reads_only_the_new_location(tmp
     parent = client.get_run(result["parent_run_id"])
     assert parent.info.artifact_uri.startswith(new.as_uri())
     assert {f.path for f in client.list_artifacts(parent.info.run_id)} >= {"config.yaml", "report"}
+
+
+def test_a_failing_stage_fails_the_flow_with_its_own_error(tmp_path):
+    from fsa_distill.errors import InputError
+
+    state = fsa_distill(overrides=shrunk(tmp_path, f"sentiment.source={tmp_path / 'nowhere'}"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(InputError, match="nowhere/sst2"):  # the cause, not a branch cancelled because of it
+        state.result()

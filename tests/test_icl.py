@@ -162,3 +162,8 @@ class TestTemplates:
         path.write_text("version: x\nfsa:\n  atsa: hi\n")
         with pytest.raises(ValueError, match="acsa"):
             load_templates(path)
+
+
+def test_a_marker_alone_on_its_line_is_followed_to_the_answer():
+    assert extract_label("Label:\nfood | positive\nSentence: x") == "food | positive"
+    assert extract_label("Label:\n\n") == ""

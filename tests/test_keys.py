@@ -28,7 +28,9 @@ STAGE_MODULES = [
     "fsa_distill.tasks.finetune",
     "fsa_distill.tasks.evaluate",
     "fsa_distill.tasks.report",
-    "fsa_distill.tasks.teacher_eval",
+    "fsa_distill.tasks.teacher_fsa",
+    "fsa_distill.tasks.teacher_sentiment",
+    "fsa_distill.tasks.zeroshot",
 ]
 
 
@@ -69,6 +71,12 @@ def test_model_loading_and_teacher_records_are_in_the_closures_that_use_them():
         assert "fsa_distill.models" in closures[name], name
     assert "fsa_distill.tasks.teachers.common" in closures["clean"]
     assert "fsa_distill.benchmark.protocol" in closures["evaluate"]
+    # only the code a stage runs: the teacher's backends are keyed by name (backend_code), students'
+    # model loading is not the teacher's code
+    for name in ("zeroshot", "teacher_fsa", "teacher_sentiment", "generate"):
+        assert "fsa_distill.tasks.teachers.openai_compat" not in closures[name], name
+        assert "fsa_distill.tasks.teachers.hf" not in closures[name], name
+    assert "fsa_distill.models" not in closures["teacher_fsa"]
     # the runner is no stage's logic: editing it must not drop every cache
     assert all("fsa_distill.tasks.stage" not in c for c in closures.values())
 

@@ -138,3 +138,12 @@ class TestSeq2seq:
 
 def test_argmax_ties_go_to_the_first_label():
     assert argmax([[1.0, 1.0, 0.5], [0.0, 2.0, 2.0], [-3.0, -1.0, -2.0]]) == [0, 1, 1]
+
+
+def test_long_prompts_keep_the_instruction_and_the_label_slot():
+    from fsa_distill.lmscore import keep_ends
+
+    ids = list(range(1000))
+    cut = keep_ends(ids, 128)
+    assert len(cut) == 128 and cut[:32] == list(range(32)) and cut[-96:] == list(range(904, 1000))
+    assert keep_ends(ids[:100], 128) == ids[:100] and keep_ends(ids, None) == ids

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from fsa_distill.benchmark.classify import match_label
 from fsa_distill.tasks.acquire import acquire
 from fsa_distill.tasks.student import init_student
-from fsa_distill.tasks.teacher_eval import match_label, teacher_fsa, teacher_sentiment, zeroshot
+from fsa_distill.tasks.teacher_fsa import teacher_fsa
+from fsa_distill.tasks.teacher_sentiment import teacher_sentiment
+from fsa_distill.tasks.zeroshot import zeroshot
 
 from fsa_distill.config import compose_config
 from tests.conftest import shrunk

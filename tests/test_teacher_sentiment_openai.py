@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from fsa_distill.tasks.teacher_eval import sentiment_inputs, teacher_sentiment
+from fsa_distill.benchmark.classify import inputs as sentiment_inputs
+from fsa_distill.tasks.teacher_sentiment import teacher_sentiment
 from fsa_distill.tasks.teachers.openai_compat import TOP_LOGPROBS, label_scores, parse_top_logprobs
 
 from fsa_distill.config import compose_config
