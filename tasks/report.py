@@ -199,7 +199,9 @@ def params(
     """The evaluations to summarise (by content), the corpus whose statistics the report shows, and
     the sample sizes the report must state."""
     samples = {
-        "teacher in-context FSA sentences": cfg["teacher_eval"]["sample"] if cfg["teacher_eval"]["enabled"] else None,
+        "teacher in-context FSA sentences": cfg["teacher_eval"]["sample"]
+        if cfg["teacher_eval"]["enabled"] and cfg["teacher"]["backend"] != "released"
+        else None,
         "sentiment test sentences": cfg["zeroshot"]["sample"] if cfg["zeroshot"]["enabled"] else None,
     }
     return {"results": results, "corpus": corpus, "sentiment": sentiment or [], "samples": samples}
