@@ -49,9 +49,9 @@ def teacher_fsa(
     rows = sample_rows(rows, sample)
     pool = pq.read_table(Path(data.path) / "train.parquet").to_pylist()
     prompts = fsa_prompts(templates["fsa"][task], task, rows, pool, k=k, seed=seed)
-    answers = prompted.answers(module, teacher, prompts, max_new_tokens, f"icl-{templates['version']}")
+    answers, n_errors = prompted.answers(module, teacher, prompts, max_new_tokens, f"icl-{templates['version']}")
     write_scored(out, task, rows, [extract_label(a) for a in answers], list(TEST_TYPES))
-    (out / "answers.json").write_text(json.dumps(answers, indent=0))
+    (out / "answers.json").write_text(json.dumps({"n_errors": n_errors, "answers": answers}, indent=0))
     prompted.write_timing(out, began, len(rows))
 
 

@@ -61,7 +61,9 @@ def teacher_sentiment(
             (out / "measured").mkdir(exist_ok=True)
             (out / "measured" / "label_logprobs.json").write_text(json.dumps(stats, indent=1))
         if fallback:
-            generated = prompted.answers(module, teacher, [prompts[i] for i in fallback], 8, f"sentiment-{dataset}")
+            generated, counts["n_errors"] = prompted.answers(
+                module, teacher, [prompts[i] for i in fallback], 8, f"sentiment-{dataset}"
+            )
             for i, answer in zip(fallback, generated, strict=True):
                 answers[i], predictions[i] = answer, classify.match_label(answer, spec.labels)
         method = ("generate_match" if len(fallback) == len(rows) else "logprobs" if not fallback

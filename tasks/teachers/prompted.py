@@ -46,13 +46,17 @@ def backend(teacher: dict[str, Any], backend_code: str) -> Any:
     return importlib.import_module(BACKENDS[teacher["backend"]])
 
 
-def answers(module: Any, teacher: dict[str, Any], prompts: list[str], max_new_tokens: int, tag: str) -> list[str]:
-    """Greedy answers of the backend, one chat user message per prompt."""
+def answers(
+    module: Any, teacher: dict[str, Any], prompts: list[str], max_new_tokens: int, tag: str
+) -> tuple[list[str], int]:
+    """Greedy answers of the backend, one chat user message per prompt, and how many prompts got no
+    usable answer (refused, or malformed after every retry: "" and counted, so the score says so)."""
     settings = {**teacher, "max_new_tokens": max_new_tokens, "do_sample": False, "temperature": 0.0,
                 "top_p": 1.0, "seed": 0}  # fmt: skip
     pairs = [Pair(i, str(i), prompt, tag, tag, None, prompt) for i, prompt in enumerate(prompts)]
     generations, _ = module.generate(pairs, settings)
-    return [g.output for g in generations]
+    failed = sum(g.finish_reason == "error" for g in generations)
+    return [g.output if g.finish_reason != "error" else "" for g in generations], failed
 
 
 def write_timing(out: Path, began: float, n: int) -> None:
