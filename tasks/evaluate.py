@@ -36,7 +36,7 @@ def generate(
     """Greedy (or beam) generation in batches; outputs come back in the order of `texts`.
 
     Sorting by token length puts sentences of similar length together, so batches carry little
-    padding and finish decoding at about the same step (see benchmark/bench_evaluate.py).
+    padding and finish decoding at about the same step (see perf/bench_evaluate.py).
     """
     lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_source_length)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i]) if sort_by_length else list(range(len(texts)))

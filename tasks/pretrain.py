@@ -8,7 +8,7 @@ Two objectives on the same reviews:
   which separates what the teacher adds from what in-domain text adds.
 
 Seq2SeqTrainer with a cosine schedule decaying to `min_learning_rate`, gradient clipping and
-batches grouped by length (see benchmark/bench_pretrain.py). Checkpoints go to a scratch folder,
+batches grouped by length (see perf/bench_pretrain.py). Checkpoints go to a scratch folder,
 so a killed run resumes from the last one.
 
 `distill.corpus_size` pretrains both arms on a prefix of the cleaned corpus (`corpus_rows`): the
