@@ -43,8 +43,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 from fsa_distill.tasks.stage import stage
-from fsa_distill.tasks.teachers import BACKEND_ONLY
-from fsa_distill.tasks.teachers import BACKENDS as _BACKENDS
+from fsa_distill.tasks.teachers import BACKENDS, for_backend
 from fsa_distill.tasks.teachers.common import (
     FINISH_REASONS,
     GENERATIONS,
@@ -71,16 +70,10 @@ __all__ = [
     "shard_ranges",
 ]
 
-#: backend name -> module with `generate(pairs, teacher) -> (generations, measured)`. Imported by
-#: name at run time, never here: the stage's own code version then holds no backend, and the
-#: params key only the chosen one (`backend_code`).
-BACKENDS = _BACKENDS
 #: The `released` stage's names, re-exported lazily (module `__getattr__`) so its code is not in this stage's key.
 _RELEASED = {"import_released", "read_released", "released_params"}
 REVIEWS_FILE = "reviews.parquet"
 CHECKPOINT = "pairs.jsonl"
-#: Teacher settings read by one backend only: for the others they are blanked in the params (no re-key).
-_BACKEND_ONLY = BACKEND_ONLY
 #: Dotted paths into the params that change how the stage runs, not what it writes.
 UNKEYED = (
     "teacher.model",  # the path; its content is keyed as `model_fingerprint`
@@ -320,11 +313,8 @@ def params(cfg: dict[str, Any], *, reviews: Artifact, pairs: tuple[int, int] | l
     "sampling"}`; the paths in `UNKEYED` stay out of the key. Settings that only another backend
     reads (base_url, vllm_args, batch_size) are blanked, so they cannot re-key this one.
     """
-    teacher = dict(cfg["teacher"])
+    teacher = for_backend(cfg["teacher"])
     backend = _check_backend(teacher.get("backend"))
-    for setting, (used_by, blank) in _BACKEND_ONLY.items():
-        if used_by != backend and setting in teacher:
-            teacher[setting] = blank
     first, last = _pair_range(list(pairs))
     return {
         "reviews": reviews,

@@ -24,6 +24,7 @@ from fsa_distill.benchmark.protocol import TEST_TYPES
 from fsa_distill.tasks.stage import stage
 from fsa_distill.tasks.teachers import prompted
 
+from fsa_distill import CONF_DIR
 from fsa_distill.artifacts import Artifact
 
 
@@ -59,7 +60,7 @@ def teacher_fsa(
 def params(cfg: dict[str, Any], *, data: Artifact, k: int, seed: int) -> dict[str, Any]:
     """The dataset, the draw (k, seed), the versioned templates, the teacher and how much is scored."""
     te = cfg["teacher_eval"]
-    templates = load_templates(Path(__file__).resolve().parents[1] / "conf" / "icl" / f"{te['templates']}.yaml")
+    templates = load_templates(CONF_DIR / "icl" / f"{te['templates']}.yaml")
     return {
         "data": data,
         "k": k,
