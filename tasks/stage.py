@@ -12,6 +12,11 @@ it never calls Prefect or MLflow. Its cache key is the hash of
 The output lives at `<store>/<stage>/<key>`, sealed with a manifest of per-file hashes. Before a
 stage is submitted, `Stage.submit` checks that manifest; a deleted or edited output makes Prefect
 refresh its cache entry instead of returning a result that points at missing or changed files.
+
+While a stage runs as a task, `fsa_distill.*` log lines go through the task run's logger (its
+name on the console, the lines in the UI: `fsa_distill.progress.install_stage_logging`), and what
+the stage reports through `fsa_distill.progress` reaches a `tasks.observe.StageObserver`: a
+Prefect progress artifact, and live metrics for the MLflow run given as `observe` (outside the key).
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fsa_distill.tasks.observe import StageObserver
+
 from fsa_distill.artifacts import Artifact, atomic_dir, bind, canonical_json, seal, verify
 from fsa_distill.codehash import closure, code_version
 from fsa_distill.errors import is_transient
+from fsa_distill.progress import install_stage_logging, observing
 
 if TYPE_CHECKING:  # Prefect is imported only where tasks are built, so `Stage.run` works without it
     from prefect import Task
@@ -158,11 +166,21 @@ class Stage:
 
     @cached_property
     def task(self) -> Task:
-        """The Prefect task: cache key from `key`, results persisted, retries for transient errors."""
+        """The Prefect task: cache key from `key`, results persisted, retries for transient errors.
+
+        The task's `observe` argument (see `submit`) is outside the cache key, which hashes `params` only.
+        """
         from prefect import task
 
-        def run_stage(store: str, params: dict[str, Any]) -> Artifact:
-            return self.run(store, params)
+        def run_stage(store: str, params: dict[str, Any], observe: dict[str, Any] | None = None) -> Artifact:
+            # `fsa_distill.*` log lines carry the task-run name; progress and metrics reach the observer.
+            install_stage_logging()
+            observer = StageObserver(observe)
+            try:
+                with observing(observer):
+                    return self.run(store, params)
+            finally:
+                observer.close()
 
         run_stage.__name__ = self.name
         return task(
@@ -175,22 +193,42 @@ class Stage:
             retry_condition_fn=_retry_transient,
         )
 
-    def submit(self, runner: TaskRunner, store: str | Path, params: dict[str, Any], label: str = "") -> PrefectFuture:
+    def submit(
+        self,
+        runner: TaskRunner,
+        store: str | Path,
+        params: dict[str, Any],
+        label: str = "",
+        observe: dict[str, Any] | None = None,
+    ) -> PrefectFuture:
         """Submit to `runner` (an entered task runner) from inside a flow run.
 
         Prefect's cache entry is refreshed when the output files are gone or changed, so a
         cached result never points at missing or edited files.
+
+        `observe` says who watches the run, never what it computes, so it is not in the cache key
+        (a cached result is reused whatever it says): `{"mlflow_uri": str, "mlflow_run_id": str}`
+        streams the stage's live metrics (`fsa_distill.progress.metrics`, e.g. training curves)
+        into that MLflow run while it runs; None streams nothing. It must be picklable (plain
+        strings) for runners that send tasks to other processes. In every task run, progress lines
+        also drive a Prefect progress artifact (tasks/observe.py).
         """
         stale = self.cached(store, params) is None
         run_name = f"{self.name}[{label}]" if label else self.name
         task = self.task.with_options(refresh_cache=stale, task_run_name=run_name)
-        return runner.submit(task, {"store": str(store), "params": params})
+        return runner.submit(task, {"store": str(store), "params": params, "observe": observe})
 
     def submit_for(
-        self, runner: TaskRunner, store: str | Path, cfg: dict[str, Any], label: str = "", **inputs: Any
+        self,
+        runner: TaskRunner,
+        store: str | Path,
+        cfg: dict[str, Any],
+        label: str = "",
+        observe: dict[str, Any] | None = None,
+        **inputs: Any,
     ) -> PrefectFuture:
         """`submit` with the params this stage derives from `cfg` and its inputs: what flows call."""
-        return self.submit(runner, store, self.params(cfg, **inputs), label=label)
+        return self.submit(runner, store, self.params(cfg, **inputs), label=label, observe=observe)
 
 
 def stage(
