@@ -8,6 +8,9 @@ last one; labels are padded with -100 so padding never enters the loss.
 first ceil(fraction x n) rows of one fixed permutation drawn with `finetune.subset_seed` (not the
 training seed), so every seed of a fraction sees the same rows and the 5% subset contains the 1%
 one. Dev and test are never subsampled.
+
+Progress (steps, loss, lr, ETA) goes to the `fsa_distill.progress` log and the curves to the
+stage's observer while it trains; `measured/log_times.json` keeps when each log entry was made.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from fsa_distill.tasks.acquire import read_meta
 from fsa_distill.tasks.stage import stage
 from transformers import (
     DataCollatorForSeq2Seq,
+    PrinterCallback,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
 )
@@ -32,6 +36,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from fsa_distill.artifacts import Artifact
 from fsa_distill.models import TRAIN_LOCK, load_seq2seq, write_log
+from fsa_distill.progress import ProgressCallback, write_log_times
 
 
 def _tokenize(tokenizer: Any, rows: list[dict[str, Any]], ft: dict[str, Any]) -> Dataset:
@@ -141,6 +146,10 @@ def _train(out: Path, scratch: Path, model: Any, tokenizer: Any, ft: dict[str, A
         processing_class=tokenizer,
         compute_metrics=dev_f1_metric(task, tokenizer, dev_rows),
     )
+    # progress lines and live metrics instead of the raw dicts PrinterCallback prints (disable_tqdm)
+    trainer.remove_callback(PrinterCallback)
+    progress = ProgressCallback("finetune")
+    trainer.add_callback(progress)
     resume = get_last_checkpoint(str(scratch))
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out))
@@ -149,6 +158,7 @@ def _train(out: Path, scratch: Path, model: Any, tokenizer: Any, ft: dict[str, A
     evals = [h for h in history if "eval_f1" in h]
     best = max(evals, key=lambda h: h["eval_f1"]) if evals else {}
     write_log(out, "train_log.json", history)
+    write_log_times(out, progress.times(history))
     write_log(
         out,
         "dev_metrics.json",

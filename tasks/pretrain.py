@@ -16,6 +16,9 @@ rows in one fixed shuffled order, drawn with the constant `CORPUS_ORDER_SEED` (n
 so every pretraining seed sees the same rows), first N rows (a whole number > 1) or the first
 ceil(fraction x total) (0 < fraction <= 1). Prefixes are nested: 50 pairs are among the 100. The
 subset is taken here, so generation and cleaning are reused across sizes.
+
+Progress (steps, loss, lr, ETA) goes to the `fsa_distill.progress` log and the curves to the
+stage's observer while it trains; `measured/log_times.json` keeps when each history entry was made.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ import torch
 from datasets import Dataset
 from fsa_distill.tasks.stage import stage
 from fsa_distill.tasks.student import NEWLINE_TOKEN
-from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+from transformers import DataCollatorForSeq2Seq, PrinterCallback, Seq2SeqTrainer, Seq2SeqTrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from fsa_distill.artifacts import Artifact
 from fsa_distill.errors import InputError
 from fsa_distill.models import TRAIN_LOCK, load_seq2seq, write_log
+from fsa_distill.progress import ProgressCallback, write_log_times
 
 OBJECTIVES = ("distill", "span_corruption")
 #: Seed of the one fixed shuffled order of the cleaned corpus whose prefixes `distill.corpus_size` takes.
@@ -221,6 +225,10 @@ def pretrain(out: Path, *, scratch: Path, student: Artifact, corpus: Artifact, o
             data_collator=_DropLength(tokenizer, model=model, label_pad_token_id=-100),
             processing_class=tokenizer,
         )
+        # progress lines and live metrics instead of the raw dicts PrinterCallback prints (disable_tqdm)
+        trainer.remove_callback(PrinterCallback)
+        progress = ProgressCallback("pretrain")
+        trainer.add_callback(progress)
         resume = get_last_checkpoint(str(scratch))
         trainer.train(resume_from_checkpoint=resume)
         trainer.save_model(str(out))
@@ -237,6 +245,7 @@ def pretrain(out: Path, *, scratch: Path, student: Artifact, corpus: Artifact, o
         "train_runtime_s": trainer.state.log_history[-1].get("train_runtime") if trainer.state.log_history else None,
     }
     write_log(out, "pretrain_log.json", {"stats": stats, "history": trainer.state.log_history})
+    write_log_times(out, progress.times(trainer.state.log_history))
 
 
 #: Settings that only one objective reads: the other arm's key leaves them out.
