@@ -10,7 +10,8 @@
   input and each label word is scored by its summed log-likelihood as the decoder target (rank
   classification).
 
-Both run over batches sorted by token length (little padding) and return rows in input order.
+Both run over batches sorted by token length (little padding) and return rows in input order. Both
+report progress (sentences scored, ETA) on the `fsa_distill.progress` log.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 from transformers.modeling_outputs import BaseModelOutput
+
+from fsa_distill.progress import Progress
 
 
 def argmax(scores: Sequence[Sequence[float]]) -> list[int]:
@@ -118,15 +121,17 @@ def causal_label_scores(
     with_positions = _accepts(model, "position_ids")
     label_index = torch.tensor(ids, device=dev)
     scores: list[list[float]] = [[] for _ in prompts]
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        input_ids, mask = _padded([encoded[i] for i in idx], pad, left=True, device=dev)
-        if with_positions:
-            options["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=input_ids, attention_mask=mask, **options).logits[:, -1, :]
-        chosen = logits.float().index_select(-1, label_index).cpu().tolist()
-        for i, row_scores in zip(idx, chosen, strict=True):
-            scores[i] = row_scores
+    with Progress("label scoring", len(prompts), "sentences") as progress:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            input_ids, mask = _padded([encoded[i] for i in idx], pad, left=True, device=dev)
+            if with_positions:
+                options["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=input_ids, attention_mask=mask, **options).logits[:, -1, :]
+            chosen = logits.float().index_select(-1, label_index).cpu().tolist()
+            for i, row_scores in zip(idx, chosen, strict=True):
+                scores[i] = row_scores
+            progress.update(len(idx))
     return scores
 
 
@@ -185,24 +190,26 @@ def seq2seq_label_loglik(
     encoder = model.get_encoder()
 
     scores: list[list[float]] = [[] for _ in prompts]
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        input_ids, mask = _padded([encoded[i] for i in idx], pad, left=False, device=dev)
-        hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        # Row r * n_labels + j: prompt r with label j.
-        hidden = hidden.repeat_interleave(n_labels, dim=0)
-        mask_rep = mask.repeat_interleave(n_labels, dim=0)
-        dec = decoder_ids.repeat(len(idx), 1)
-        out = model(
-            encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
-            attention_mask=mask_rep,
-            decoder_input_ids=dec,
-            use_cache=False,
-        )
-        logprobs = torch.log_softmax(out.logits.float(), dim=-1)
-        gold = logprobs.gather(-1, label_ids.repeat(len(idx), 1).unsqueeze(-1)).squeeze(-1)
-        gold = torch.where(label_mask.repeat(len(idx), 1), gold, torch.zeros_like(gold))  # padding adds 0
-        summed = gold.sum(-1).view(len(idx), n_labels).cpu().tolist()
-        for i, row_scores in zip(idx, summed, strict=True):
-            scores[i] = row_scores
+    with Progress("label scoring", len(prompts), "sentences") as progress:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            input_ids, mask = _padded([encoded[i] for i in idx], pad, left=False, device=dev)
+            hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            # Row r * n_labels + j: prompt r with label j.
+            hidden = hidden.repeat_interleave(n_labels, dim=0)
+            mask_rep = mask.repeat_interleave(n_labels, dim=0)
+            dec = decoder_ids.repeat(len(idx), 1)
+            out = model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+                attention_mask=mask_rep,
+                decoder_input_ids=dec,
+                use_cache=False,
+            )
+            logprobs = torch.log_softmax(out.logits.float(), dim=-1)
+            gold = logprobs.gather(-1, label_ids.repeat(len(idx), 1).unsqueeze(-1)).squeeze(-1)
+            gold = torch.where(label_mask.repeat(len(idx), 1), gold, torch.zeros_like(gold))  # padding adds 0
+            summed = gold.sum(-1).view(len(idx), n_labels).cpu().tolist()
+            for i, row_scores in zip(idx, summed, strict=True):
+                scores[i] = row_scores
+            progress.update(len(idx))
     return scores

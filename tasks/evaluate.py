@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fsa_distill.artifacts import Artifact
 from fsa_distill.models import load_seq2seq
+from fsa_distill.progress import Progress
 
 
 def device() -> torch.device:
@@ -37,25 +38,28 @@ def generate(
 
     Sorting by token length puts sentences of similar length together, so batches carry little
     padding and finish decoding at about the same step (see perf/bench_evaluate.py).
+    Progress (sentences done, ETA) goes to the `fsa_distill.progress` log.
     """
     lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_source_length)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i]) if sort_by_length else list(range(len(texts)))
     outputs: list[str] = [""] * len(texts)
     dev = model.device
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = tokenizer(
-            [texts[i] for i in idx],
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_source_length,
-        ).to(dev)
-        generated = model.generate(
-            **batch, max_new_tokens=max_new_tokens, max_length=None, num_beams=num_beams, do_sample=False
-        )
-        for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True), strict=True):
-            outputs[i] = text.strip()
+    with Progress("evaluate", len(texts), "sentences") as progress:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = tokenizer(
+                [texts[i] for i in idx],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_source_length,
+            ).to(dev)
+            generated = model.generate(
+                **batch, max_new_tokens=max_new_tokens, max_length=None, num_beams=num_beams, do_sample=False
+            )
+            for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True), strict=True):
+                outputs[i] = text.strip()
+            progress.update(len(idx))
     return outputs
 
 

@@ -70,6 +70,7 @@ from fsa_distill.tasks.teachers.common import GENERATIONS
 
 from fsa_distill.artifacts import MEASURED, Artifact
 from fsa_distill.errors import InputError
+from fsa_distill.progress import Progress
 
 __all__ = [
     "ANALYSIS_PROMPT",
@@ -263,6 +264,15 @@ class _BufferedWriter:
 # The stage
 
 
+def _n_rows(generations: Sequence[Artifact]) -> int | None:
+    """Rows of all inputs from their Parquet footers (for progress lines); None when one is unreadable,
+    which `iter_generations` then reports properly."""
+    try:
+        return sum(pq.read_metadata(Path(art.path) / "generations.parquet").num_rows for art in generations)
+    except (OSError, pa.ArrowInvalid):
+        return None
+
+
 @stage("clean")
 def clean(out: Path, *, generations: list[Artifact], datasets: list[Artifact], clean: dict[str, Any]) -> None:
     """Write `corpus.parquet`, `quarantine.parquet` and `stats.json` from teacher generations.
@@ -277,11 +287,14 @@ def clean(out: Path, *, generations: list[Artifact], datasets: list[Artifact], c
     start = time.perf_counter()
     corpus = _BufferedWriter(out / "corpus.parquet", CORPUS_SCHEMA, size)
     quarantine = _BufferedWriter(out / "quarantine.parquet", QUARANTINE_SCHEMA, size)
+    progress = Progress("clean", _n_rows(generations), "rows")
     try:
-        for table in iter_generations(generations, size):
-            kept, dropped = cleaner.batch(table)
-            corpus.write(kept)
-            quarantine.write(dropped)
+        with progress:
+            for table in iter_generations(generations, size):
+                kept, dropped = cleaner.batch(table)
+                corpus.write(kept)
+                quarantine.write(dropped)
+                progress.update(table.num_rows, kept=sum(cleaner.kept.values()))
     finally:
         corpus.close()
         quarantine.close()

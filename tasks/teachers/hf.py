@@ -11,6 +11,7 @@ import torch
 from fsa_distill.tasks.teachers.common import Generation, Pair, apply_chat_template, sha256_text
 
 from fsa_distill.llm import load_causal_lm, resolve_model
+from fsa_distill.progress import Progress
 
 _LOADED: dict[str, tuple[Any, Any]] = {}
 _LOADED_LOCK = threading.Lock()
@@ -52,6 +53,7 @@ def generate_batched(
 
     Prompts are already chat-formatted text, so no special tokens are added. Batches are left
     padded; sorting by length keeps padding small and lets a batch finish at about the same step.
+    Progress (pairs done, output tokens/s, ETA) goes to the `fsa_distill.progress` log.
     """
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i])) if sort_by_length else list(range(len(ids)))
@@ -62,7 +64,8 @@ def generate_batched(
     else:  # the model's generation_config may carry sampling defaults that greedy decoding warns about
         options.update(temperature=None, top_p=None, top_k=None)
     results: list[tuple[str, str, int, int, float]] = [("", "error", 0, 0, 0.0)] * len(ids)
-    with torch.random.fork_rng(devices=[]):
+    progress = Progress("generate", len(ids), "pairs", rates=("tokens",))
+    with progress, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -80,6 +83,7 @@ def generate_batched(
                     kept, reason, count = tokens[:end], "stop", end + 1
                 text = tokenizer.decode(kept, skip_special_tokens=True).strip()
                 results[i] = (text, reason, len(ids[i]), count, latency)
+            progress.update(len(idx), tokens=sum(results[i][3] for i in idx))
     return results
 
 

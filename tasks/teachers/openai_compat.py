@@ -36,6 +36,7 @@ import httpx
 from fsa_distill.tasks.teachers.common import Generation, Pair, sha256_text
 
 from fsa_distill.errors import InputError, TransientError
+from fsa_distill.progress import Progress
 from fsa_distill.redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ class Client:
         self.key = api_key(teacher)
         self.stats: Counter[str] = Counter()
         self.done = done
+        self.progress: Progress | None = None  # counts finished requests when set
 
     async def run(self, pairs: list[Pair]) -> list[Generation]:
         """Every pair's generation, in order."""
@@ -188,6 +190,8 @@ class Client:
         generation = await self._one(http, semaphore, pair)
         if self.done is not None:
             self.done(pair, generation)
+        if self.progress is not None:
+            self.progress.update(1, tokens=generation.output_tokens)
         return generation
 
     async def _one(self, http: httpx.AsyncClient, semaphore: asyncio.Semaphore, pair: Pair) -> Generation:
@@ -318,7 +322,8 @@ def generate(
     """
     client = Client(teacher, done)
     try:
-        generations = asyncio.run(client.run(pairs))
+        with Progress("generate", len(pairs), "pairs", rates=("tokens",)) as client.progress:
+            generations = asyncio.run(client.run(pairs))
     except ExceptionGroup as group:  # the TaskGroup wraps failures; surface the first cause plainly
         raise _first(group) from None
     return generations, _stats(client)
@@ -413,11 +418,14 @@ def label_logprobs(
             top, _ = await client.send(http, semaphore, logprobs_body(prompts[i], teacher), f"prompt {i}",
                                        parse_top_logprobs)  # fmt: skip
         except _GaveUp:
-            return None
+            top = None
+        if client.progress is not None:
+            client.progress.update()
         return top
 
     try:
-        tops = asyncio.run(client.gather(lambda http, sem: [one(http, sem, i) for i in range(len(prompts))]))
+        with Progress("label scoring", len(prompts), "sentences") as client.progress:
+            tops = asyncio.run(client.gather(lambda http, sem: [one(http, sem, i) for i in range(len(prompts))]))
     except ExceptionGroup as group:
         raise _first(group) from None
     scores = [None if top is None else label_scores(top, list(label_words)) for top in tops]

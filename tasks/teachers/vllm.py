@@ -8,6 +8,7 @@ no second BOS can sneak in. A failed worker becomes a `VllmWorkerError` with its
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import tempfile
@@ -18,11 +19,13 @@ from fsa_distill.tasks.teachers.common import Generation, Pair, apply_chat_templ
 
 from fsa_distill.errors import InputError
 from fsa_distill.llm import load_tokenizer, resolve_model
+from fsa_distill.progress import Progress
 
 #: The worker runs as a script by path, so no import shows it: declared for the code version (codehash).
 __code_deps__ = ("fsa_distill.tasks.vllm_worker",)
 WORKER = Path(__file__).resolve().parents[1] / "vllm_worker.py"
 LOG_TAIL = 4000
+log = logging.getLogger(__name__)
 
 
 class VllmWorkerError(RuntimeError):
@@ -84,11 +87,15 @@ def generate(pairs: list[Pair], teacher: dict[str, Any]) -> tuple[list[Generatio
         "sampling": sampling_params(teacher, pairs),
         "vllm_args": teacher.get("vllm_args") or {},
     }
-    with tempfile.TemporaryDirectory(prefix="fsa-vllm-") as tmp:
+    # one offline batch in another process: a line when it starts, the final one when it returns
+    progress = Progress("generate", len(pairs), "pairs", rates=("tokens",))
+    log.info("generate: %d pairs sent to the vLLM worker", len(pairs))
+    with progress, tempfile.TemporaryDirectory(prefix="fsa-vllm-") as tmp:
         workdir = Path(tmp)
         lines = [json.dumps({"index": i, "prompt_token_ids": t}) for i, t in enumerate(ids)]
         (workdir / "prompts.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         records, stats = run_worker(python, job, workdir)
+        progress.update(len(records), tokens=sum(int(r.get("output_tokens") or 0) for r in records))
     by_index = {r["index"]: r for r in records}
     if sorted(by_index) != list(range(len(pairs))):
         raise VllmWorkerError(f"vllm worker returned {len(by_index)} outputs for {len(pairs)} prompts")
