@@ -10,23 +10,24 @@ acquire -> teacher_fsa (dataset x k x seed) ────────────
 sentiment sets -> teacher_sentiment (set x seed) ──────────────────────────────────────────┴─> report
 """
 
-from __future__ import annotations
-
 import contextvars
 import json
 import logging
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from fsa_distill.benchmark.specs import slug
-from fsa_distill.flows.tracking import Tracker, flatten, git_commit, numeric
+from fsa_distill.flows.runs import RunTree
+from fsa_distill.flows.tracking import Tracker, flatten
 from fsa_distill.tasks.acquire import acquire
 from fsa_distill.tasks.clean import clean
-from fsa_distill.tasks.evaluate import evaluate, read_metrics
+from fsa_distill.tasks.evaluate import evaluate
 from fsa_distill.tasks.finetune import finetune
 from fsa_distill.tasks.generate import generate_shard, import_released, shard_ranges
 from fsa_distill.tasks.pretrain import pretrain
@@ -38,13 +39,14 @@ from fsa_distill.tasks.teacher_fsa import teacher_fsa
 from fsa_distill.tasks.teacher_sentiment import teacher_sentiment
 from fsa_distill.tasks.zeroshot import zeroshot
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, Field
 
+from fsa_distill import CONF_DIR
 from fsa_distill.artifacts import Artifact
-from fsa_distill.config import compose_config, seeds
-from fsa_distill.models import read_log
-from fsa_distill.redact import redact_config
+from fsa_distill.config import compose_config, display_name, merge_overrides, seeds
+from fsa_distill.redact import redact_config, redact_text
 
 
 def make_runner(runner: dict[str, Any]) -> Any:
@@ -58,38 +60,155 @@ def make_runner(runner: dict[str, Any]) -> Any:
     return ThreadPoolTaskRunner(max_workers=runner["workers"])
 
 
-@flow(name="fsa-distill")
-def fsa_distill(overrides: list[str] | None = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
+def _names(group: str) -> tuple[str, ...]:
+    return tuple(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+
+
+class Choices(BaseModel):
+    """The common choices of a run, as form fields in the Prefect UI; anything else goes in `overrides`."""
+
+    teacher: Literal[_names("teacher")] | None = Field(None, description="teacher config (conf/teacher/)")  # type: ignore[valid-type]
+    student: Literal[_names("student")] | None = Field(None, description="student config (conf/student/)")  # type: ignore[valid-type]
+    experiment: Literal[_names("experiment")] | None = Field(None, description="experiment (conf/experiment/)")  # type: ignore[valid-type]
+    seeds: list[int] | None = Field(None, description="fine-tuning seeds, e.g. [42, 52, 62]")
+    run_name: str | None = Field(None, description="names the Prefect flow run and the MLflow parent run")
+
+    def overrides(self) -> list[str]:
+        """The Hydra overrides these choices stand for."""
+        out = [
+            f"{group}={getattr(self, group)}" for group in ("teacher", "student", "experiment") if getattr(self, group)
+        ]
+        if self.seeds:
+            out.append("finetune.seeds=[" + ",".join(str(s) for s in self.seeds) + "]")
+        if self.run_name:
+            out.append(f"run_name={json.dumps(self.run_name)}")
+        return out
+
+
+def composed_overrides(parameters: dict[str, Any]) -> list[str]:
+    """A flow run's overrides: the deployment's served ones, then the form's choices, then the run's own."""
+    choices = parameters.get("choices")
+    if isinstance(choices, dict):
+        choices = Choices(**choices)
+    return merge_overrides(
+        list(parameters.get("base_overrides") or []),
+        choices.overrides() if choices is not None else [],
+        list(parameters.get("overrides") or []),
+    )
+
+
+def _flow_run_name() -> str:
+    """`<run_name> <overrides that change what runs>` instead of Prefect's random words."""
+    from prefect.runtime import flow_run
+
+    parameters = dict(flow_run.parameters or {})
+    try:
+        overrides = composed_overrides(parameters)
+        config = parameters.get("config")
+        run_name = config["run_name"] if isinstance(config, dict) else compose_config(overrides)["run_name"]
+        return display_name(run_name, overrides)
+    except Exception:  # a broken override fails the run itself, with its own message; the name must not
+        return "fsa-distill"
+
+
+@flow(name="fsa-distill", flow_run_name=_flow_run_name)
+def fsa_distill(
+    overrides: list[str] | None = None,
+    choices: Choices | None = None,
+    base_overrides: list[str] | None = None,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Run every stage for one config and track it in MLflow.
 
-    The CLI passes the resolved `config`; a deployment passes Hydra `overrides` and the flow
-    composes them, so both run exactly the same thing. Stages go to the task runner named in
-    `runner` (threads or a Dask cluster), chosen per run rather than per deployment.
+    A deployment composes `base_overrides + choices + overrides` (later wins) exactly as
+    `fsa-distill run` would; the CLI passes its resolved `config` (then `overrides` only name and
+    record the run). Stages go to the task runner named in `runner`, chosen per run.
+
+    Args:
+        overrides: Hydra overrides for this run, e.g. ["finetune.learning_rate=0.002"]; they win over
+            the deployment's served overrides and the choices.
+        choices: the common choices (teacher, student, experiment, seeds, run name).
+        base_overrides: the overrides the deployment was served with (`fsa-distill serve ... OVERRIDES`).
+        config: a resolved config (the CLI); leave empty in the UI.
     """
-    cfg = config if config is not None else compose_config(overrides)
+    composed = composed_overrides({"overrides": overrides, "choices": choices, "base_overrides": base_overrides})
+    cfg = config if config is not None else compose_config(composed)
     if cfg["torch_threads"]:  # here rather than in the CLI, so deployment runs honour it too
         import torch
 
         torch.set_num_threads(cfg["torch_threads"])
     logger = get_run_logger()
+    started = time.monotonic()
+    name = display_name(cfg["run_name"], composed)
+    logger.info("Overrides: %s", " ".join(redact_text(o) for o in composed) or "(none: the default job)")
     workdir = Path(cfg["workdir"]).resolve()
     store = workdir / "artifacts"
     tracker = Tracker(cfg["tracking"]["uri"], cfg["tracking"]["experiment"], workdir / "mlartifacts")
-    parent = tracker.start(
-        cfg["run_name"],
-        flatten("", cfg),
-        {"mlflow.source.git.commit": git_commit(), "student": cfg["student"]["name"], "kind": "flow"},
+    parent = tracker.start(name, flatten("", cfg), _parent_tags(cfg, composed))
+    ui = redact_text(cfg["tracking"]["ui"])
+    parent_url = tracker.ui_url(ui, parent)
+    logger.info("MLflow parent run %s: %s", parent, parent_url)
+    create_link_artifact(
+        key="mlflow-parent-run",
+        link=parent_url,
+        link_text=f"MLflow run {name}",
+        description="The MLflow parent run of this flow run (start the MLflow UI to open it)",
+    )
+    shown = "\n".join(redact_text(o) for o in composed)
+    create_markdown_artifact(
+        key="fsa-overrides", markdown=f"```\n{shown}\n```", description="The composed overrides this run ran with"
     )
     ok = False
+    wiring: Wiring | None = None
     try:
         tracker.client.log_text(parent, yaml.safe_dump(redact_config(cfg), sort_keys=False), "config.yaml")
         with make_runner(cfg["runner"]) as runner:
-            result = Wiring(cfg, runner, store).run(tracker, parent)
+            wiring = Wiring(cfg, runner, store, RunTree(cfg, tracker, parent))
+            result = wiring.run()
         ok = True
-        logger.info("MLflow parent run %s; report in %s", parent, result["report"])
-        return result
     finally:
         tracker.end(parent, ok)
+        if wiring is not None:  # also after a failure: what ran, what was cached, what failed
+            stages = wiring.summary()
+            elapsed = _duration(time.monotonic() - started)
+            logger.info("Stages (wall time summed over each stage's tasks; the run took %s):\n%s", elapsed,
+                        format_summary(stages))  # fmt: skip
+            create_table_artifact(key="fsa-stages", table=stages, description="Stages: ran or cached, wall time")
+        logger.info("MLflow parent run: %s", parent_url)
+    logger.info("Report: %s", result["report"])
+    return {**result, "stages": stages, "mlflow_url": parent_url}
+
+
+def _parent_tags(cfg: dict[str, Any], composed: list[str]) -> dict[str, str]:
+    """The parent run's tags: kind, student, teacher, overrides and the Prefect flow run it belongs to."""
+    from prefect.runtime import flow_run
+
+    tags = {"kind": "flow", "student": cfg["student"]["name"], "teacher": cfg["teacher"]["name"],
+            "run_name": cfg["run_name"], "overrides": json.dumps([redact_text(o) for o in composed])}  # fmt: skip
+    if flow_run.id:
+        tags["prefect.flow_run_id"] = str(flow_run.id)
+    url = flow_run.ui_url
+    if url:
+        tags["prefect.flow_run_url"] = url
+    return tags
+
+
+def format_summary(table: list[dict[str, Any]]) -> str:
+    """The end-of-run table: one line per stage with how many ran, how many were cached, and wall time."""
+    lines = [f"{'stage':<18} {'ran':>4} {'cached':>6} {'failed':>6} {'wall':>9}"]
+    for row in table:
+        counts = f"{row['ran']:>4} {row['cached']:>6} {row['failed']:>6}"
+        lines.append(f"{row['stage']:<18} {counts} {_duration(row['wall_s']):>9}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return (
+        f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 _log = logging.getLogger("fsa_distill.flow")
@@ -111,8 +230,9 @@ class Wiring:
     while runnable work waits behind it.
     """
 
-    def __init__(self, cfg: dict[str, Any], runner: Any, store: Path) -> None:
-        self.cfg, self.runner, self.store = cfg, runner, store
+    def __init__(self, cfg: dict[str, Any], runner: Any, store: Path, tree: RunTree) -> None:
+        self.cfg, self.runner, self.store, self.tree = cfg, runner, store, tree
+        self.records: list[tuple[str, str, str, float]] = []  # (stage, label, final state, wall seconds)
         workers = max(1, int(cfg["runner"]["workers"]))
         self.slots = threading.BoundedSemaphore(workers)
         self.train_slots = threading.BoundedSemaphore(workers if cfg["runner"]["kind"] == "dask" else 1)
@@ -158,22 +278,58 @@ class Wiring:
 
     def call(self, stage: Stage, label: str, lane: threading.Semaphore | None = None, **inputs: Any) -> Artifact:
         """Submit one stage when a slot (and its lane's slot) is free; its output, bound to the store."""
+        return self.call_live(stage, label, lane, None, **inputs)[0]
+
+    def call_live(
+        self,
+        stage: Stage,
+        label: str,
+        lane: threading.Semaphore | None,
+        live: Callable[[], str] | None,
+        **inputs: Any,
+    ) -> tuple[Artifact, str | None]:
+        """`call`, and when the stage will really run, first `live()`: an MLflow run it streams into."""
         params = stage.params(self.cfg, **inputs)
         with lane or nullcontext(), self.slots:
             if self.failed.is_set():
                 raise _Cancelled(f"{stage.name}[{label}] not started: another stage failed")
-            artifact = stage.submit(self.runner, self.store, params, label=label).result()
-        return artifact.at(self.store)
+            run_id = live() if live is not None and stage.cached(self.store, params) is None else None
+            start = time.monotonic()
+            try:
+                future = stage.submit(self.runner, self.store, params, label=label, observe=self.tree.observe(run_id))
+                artifact = future.result()
+            except BaseException:
+                self.tree.fail(run_id)
+                self._record(stage.name, label, "Failed", time.monotonic() - start)
+                raise
+            self._record(stage.name, label, future.state.name, time.monotonic() - start)
+        return artifact.at(self.store), run_id
 
-    def run(self, tracker: Tracker, parent: str) -> dict[str, Any]:
-        """Wire the whole DAG, wait for it, then track and report."""
+    def _record(self, stage: str, label: str, state: str, wall_s: float) -> None:
+        with self._lock:
+            self.records.append((stage, label, state, wall_s))
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per stage, in the order stages first finished: how many ran, were cached or failed, and wall time."""
+        rows: dict[str, dict[str, Any]] = {}
+        with self._lock:
+            records = list(self.records)
+        for stage, _label, state, wall_s in records:
+            row = rows.setdefault(stage, {"stage": stage, "ran": 0, "cached": 0, "failed": 0, "wall_s": 0.0})
+            kind = "cached" if state == "Cached" else "failed" if state == "Failed" else "ran"
+            row[kind] += 1
+            row["wall_s"] += wall_s
+        return [{**row, "wall_s": round(row["wall_s"], 1)} for row in rows.values()]
+
+    def run(self) -> dict[str, Any]:
+        """Wire the whole DAG, wait for it, then report; MLflow children are written as results land."""
         try:
-            return self._run(tracker, parent)
+            return self._run()
         finally:
             self.failed.set()  # whatever ended the run (an error, Ctrl-C), start nothing more
             self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def _run(self, tracker: Tracker, parent: str) -> dict[str, Any]:
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         datasets = cfg["data"]["datasets"]
         acquired = {d: self.spawn(lambda d=d: self.call(acquire, slug(d), dataset=d)) for d in datasets}
@@ -198,12 +354,7 @@ class Wiring:
         built = corpus.result() if corpus is not None else None
         arm_models = {arm: future.result() for arm, future in arms.items()}
 
-        if built is not None:
-            _track_corpus(cfg, tracker, parent, built["generations"], built["corpus"])
-            if built.get("reviews") is not None:
-                _track_reviews(tracker, parent, built["reviews"])
-        for objective in cfg["pretrain"]["objectives"] if built is not None else []:
-            _track_pretrain(cfg, tracker, parent, objective, arm_models[objective])
+        self.tree.zeroshot(sentiment_done)
         evaluations = {run: pair[1] for run, pair in done.items()} | teacher_done
         results = [{"student": m, "dataset": d, "seed": s, "evaluation": ev} for (m, d, s), ev in evaluations.items()]
         sentiment = [
@@ -212,17 +363,13 @@ class Wiring:
         summary_art = self.call(
             report, "summary", results=results, corpus=built["corpus"] if built else None, sentiment=sentiment
         )
-        for run in runs:
-            _track_child(cfg, tracker, parent, *run, *done[run])
-        for run, art in teacher_done.items():
-            _track_teacher(cfg, tracker, parent, *run, art)
-        _track_zeroshot(tracker, parent, sentiment_done)
-        _track_report(tracker, parent, Path(summary_art.path))
+        self.tree.finish(Path(summary_art.path))
         return {
-            "parent_run_id": parent,
+            "parent_run_id": self.tree.parent,
             "report": summary_art.path,
             "evaluations": {_label(*run): done[run][1].path for run in runs},
             "arms": {arm: art.path for arm, art in arm_models.items()},
+            "reused_runs": dict(self.tree.reused),
         }
 
     def _evaluations(
@@ -244,8 +391,9 @@ class Wiring:
         def teacher_fsa_job(name: str, k: int, seed: int) -> Artifact:
             after_corpus()
             data = acquired[name].result()
-            return self.call(teacher_fsa, f"k{k}-{slug(name)}-{seed}", self.generate_slots, data=data, k=k,
-                             seed=seed)  # fmt: skip
+            art = self.call(teacher_fsa, f"k{k}-{slug(name)}-{seed}", self.generate_slots, data=data, k=k, seed=seed)
+            self.tree.teacher(f"teacher-k{k}", name, seed, data, art)
+            return art
 
         def teacher_sentiment_job(dataset: str, seed: int) -> Artifact:
             after_corpus()
@@ -272,17 +420,32 @@ class Wiring:
         return teacher, sentiment
 
     def _pretrain(self, student: Future, corpus: Future, objective: str) -> Artifact:
-        return self.call(
-            pretrain, objective, self.train_slots, student=student.result(), corpus=corpus.result()["corpus"],
-            objective=objective,
+        built = corpus.result()["corpus"]
+        params, tags = self.tree.pretrain_tags(objective)
+        model, run_id = self.call_live(
+            pretrain, objective, self.train_slots,
+            lambda: self.tree.live("pretrain", f"pretrain-{objective}", params, tags),
+            student=student.result(), corpus=built, objective=objective,
         )  # fmt: skip
+        self.tree.pretrain(objective, built, model, run_id, streamed=run_id is not None)
+        return model
 
     def _finetune_and_evaluate(
         self, arm_model: Future, data: Future, arm: str, name: str, seed: int
     ) -> tuple[Artifact, Artifact]:
         label = _label(arm, name, seed)
-        model = self.call(finetune, label, self.train_slots, data=data.result(), student=arm_model.result(), seed=seed)
-        evaluation = self.call(evaluate, label, model=model, data=data.result())
+        dataset = data.result()
+        params, tags = self.tree.finetune_tags(arm, name, seed)
+        model, run_id = self.call_live(
+            finetune, label, self.train_slots, lambda: self.tree.live("finetune", label, params, tags),
+            data=dataset, student=arm_model.result(), seed=seed,
+        )  # fmt: skip
+        try:
+            evaluation = self.call(evaluate, label, model=model, data=dataset)
+        except BaseException:
+            self.tree.fail(run_id)
+            raise
+        self.tree.finetune(label, arm, name, seed, dataset, model, evaluation, run_id, streamed=run_id is not None)
         return model, evaluation
 
     def _corpus(self, data: Any) -> dict[str, Any]:
@@ -304,161 +467,9 @@ class Wiring:
             ]
             generations = [future.result() for future in shards]
         corpus = self.call(clean, "corpus", generations=generations, datasets=data())
+        self.tree.corpus(generations, corpus, raw)
         return {"corpus": corpus, "generations": generations, "reviews": raw}
 
 
 def _label(arm: str, dataset: str, seed: int) -> str:
     return f"{arm}-{slug(dataset)}-{seed}"
-
-
-def _track_child(
-    cfg: dict[str, Any], tracker: Tracker, parent: str, arm: str, name: str, seed: int, model: Artifact, ev: Artifact
-) -> None:
-    short = slug(name)
-    student = cfg["student"]["name"]
-    tags = {"kind": "finetune", "dataset": name, "seed": str(seed), "student": student, "arm": arm,
-            "model_sha256": model.sha256}  # fmt: skip
-    with tracker.child(
-        _label(arm, name, seed),
-        {"dataset": name, "seed": str(seed), "student": student, "arm": arm, **flatten("finetune", cfg["finetune"])},
-        tags,
-        parent=parent,
-    ) as child:
-        model_dir, ev_dir = Path(model.path), Path(ev.path)
-        tracker.history(child, read_log(model_dir, "train_log.json"))
-        dev = read_log(model_dir, "dev_metrics.json")
-        tracker.metrics(child, {f"dev_best_{k}": v for k, v in numeric(dev).items()})
-        test = read_metrics(ev_dir)
-        tracker.metrics(
-            child,
-            {f"test_{tt}_{m}": v for tt, vals in test.items() for m, v in vals.items() if m != "n_sentences"},
-        )
-        for file in ("predictions.parquet", "metrics.json"):
-            tracker.files(child, ev_dir / file, "evaluation")
-        tracker.files(child, model_dir / "train_log.json", "training")
-        if cfg["tracking"]["register_models"]:
-            model_name = f"{cfg['tracking']['model_prefix']}-{short}-{student}-{arm}"
-            tracker.register(child, model_dir, model_name, model.sha256)
-
-
-def _track_teacher(
-    cfg: dict[str, Any], tracker: Tracker, parent: str, model: str, name: str, seed: int, ev: Artifact
-) -> None:
-    """A child run per in-context evaluation of the teacher, with the students' metric names."""
-    teacher = cfg["teacher"]
-    with tracker.child(
-        f"{model}-{slug(name)}-{seed}",
-        {"dataset": name, "seed": str(seed), "model": model, **flatten("teacher_eval", cfg["teacher_eval"]),
-         "teacher.name": teacher["name"], "teacher.backend": teacher["backend"]},
-        {"kind": "teacher-eval", "dataset": name, "seed": str(seed), "model": model, "teacher": teacher["name"]},
-        parent=parent,
-    ) as child:  # fmt: skip
-        test = read_metrics(ev.path)
-        tracker.metrics(
-            child, {f"test_{tt}_{m}": v for tt, vals in test.items() for m, v in vals.items() if m != "n_sentences"}
-        )
-        for file in ("predictions.parquet", "metrics.json"):
-            tracker.files(child, Path(ev.path) / file, "evaluation")
-
-
-def _track_zeroshot(tracker: Tracker, parent: str, done: dict[tuple[str, str, int], Artifact]) -> None:
-    """A child run per model (teacher and each arm) with `<set>_macro_f1` / `<set>_accuracy`, seeds averaged."""
-    by_model: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for (model, dataset, _seed), art in done.items():
-        metrics = json.loads((Path(art.path) / "metrics.json").read_text())
-        by_model.setdefault(model, {}).setdefault(dataset, []).append(metrics)
-    for model, sets in by_model.items():
-        method = next(iter(sets.values()))[0].get("method", "")
-        with tracker.child(
-            f"zeroshot-{model}", {"model": model, "method": method}, {"kind": "zeroshot", "model": model}, parent
-        ) as child:
-            values = {}
-            for dataset, runs in sets.items():
-                values[f"{dataset}_macro_f1"] = sum(r["macro_f1"] for r in runs) / len(runs)
-                values[f"{dataset}_accuracy"] = sum(r["accuracy"] for r in runs) / len(runs)
-            tracker.metrics(child, values)
-
-
-def _track_report(tracker: Tracker, parent: str, report_dir: Path) -> None:
-    import pandas as pd
-
-    summary = pd.read_csv(report_dir / "summary.csv")
-    tracker.files(parent, report_dir, "report")
-    tracker.metrics(
-        parent,
-        {f"{r.student}.{slug(r.dataset)}.{r.test_type}.f1_mean": r.f1_mean for r in summary.itertuples()},
-    )
-    sentiment = pd.read_csv(report_dir / "sentiment.csv")
-    if len(sentiment):
-        means = sentiment.groupby(["student", "dataset"]).macro_f1.mean()
-        tracker.metrics(parent, {f"{m}.{d}.macro_f1_mean": 100 * v for (m, d), v in means.items()})
-    board = pd.read_csv(report_dir / "leaderboard.csv")
-    tracker.client.log_table(parent, data=board, artifact_file="leaderboard.json")
-    create_table_artifact(key="fsa-leaderboard", table=board.to_dict(orient="records"),
-                          description="Teacher and students: FSA test F1 and sentiment macro-F1 (%)")  # fmt: skip
-    create_table_artifact(
-        key="fsa-report",
-        table=summary.round(2).to_dict(orient="records"),
-        description="Test precision/recall/F1 (%), mean and std over seeds",
-    )
-    create_markdown_artifact(key="fsa-report-f1", markdown=(report_dir / "summary.md").read_text())
-
-
-def _track_reviews(tracker: Tracker, parent: str, raw: Artifact) -> None:
-    tracker.files(parent, Path(raw.path) / "stats.json", "reviews")
-
-
-def _track_corpus(
-    cfg: dict[str, Any], tracker: Tracker, parent: str, generations: list[Artifact], corpus: Artifact
-) -> None:
-    """A child run for the teacher corpus: generation settings, per-rule cleaning counts, quarantine."""
-    teacher = cfg["teacher"]
-    with tracker.child(
-        f"corpus-{teacher['name']}",
-        {**flatten("teacher", teacher), **flatten("clean", cfg["clean"]),
-         **{f"prompt.{k}": v["version"] for k, v in cfg["prompts"].items()}},
-        {"kind": "corpus", "teacher": teacher["name"], "corpus_sha256": corpus.sha256},
-        parent=parent,
-    ) as child:  # fmt: skip
-        tracker.metrics(child, {f"generation.{k}": v for k, v in generation_totals(generations).items()})
-        stats = json.loads((Path(corpus.path) / "stats.json").read_text())
-        tracker.metrics(child, numeric(stats))
-        tracker.metrics(child, {f"dropped.{rule}": n for rule, n in stats.get("dropped", {}).items()})
-        tracker.files(child, Path(corpus.path) / "stats.json")
-        tracker.files(child, Path(corpus.path) / "quarantine.parquet", "quarantine")
-    rows = [{"rule": rule, "dropped": n} for rule, n in stats.get("dropped", {}).items()]
-    rows.append({"rule": "kept", "dropped": stats.get("kept", 0)})
-    create_table_artifact(key="fsa-clean", table=rows, description=f"Cleaning of {stats.get('generated')} outputs")
-
-
-def generation_totals(generations: list[Artifact]) -> dict[str, float]:
-    """Teacher generation summed over shards: pairs, tokens, wall time, errors, retries, finish reasons."""
-    totals: dict[str, float] = {}
-    for art in generations:
-        path = Path(art.path) / "stats.json"
-        if not path.is_file():  # imported (released) outputs have no generation statistics
-            continue
-        stats = json.loads(path.read_text())
-        timing = Path(art.path) / "measured" / "timing.json"  # wall time: a measurement, outside the content
-        if timing.is_file():
-            stats = {**stats, **json.loads(timing.read_text())}
-        for key in ("pairs", "output_tokens", "wall_s", "errors", "retries", "malformed"):
-            totals[key] = totals.get(key, 0.0) + float(stats.get(key) or 0)
-        for reason, n in stats.get("finish_reasons", {}).items():
-            totals[f"finish_{reason}"] = totals.get(f"finish_{reason}", 0.0) + n
-    if totals.get("wall_s"):
-        totals["output_tokens_per_s"] = totals["output_tokens"] / totals["wall_s"]
-    return totals
-
-
-def _track_pretrain(cfg: dict[str, Any], tracker: Tracker, parent: str, objective: str, model: Artifact) -> None:
-    """A child run per pretraining arm with its loss curve."""
-    log = read_log(model.path, "pretrain_log.json")
-    with tracker.child(
-        f"pretrain-{objective}",
-        {"objective": objective, **flatten("pretrain", cfg["pretrain"])},
-        {"kind": "pretrain", "objective": objective, "model_sha256": model.sha256},
-        parent=parent,
-    ) as child:
-        tracker.history(child, log["history"])
-        tracker.metrics(child, {f"corpus_{k}": v for k, v in numeric(log["stats"]).items()})

@@ -28,17 +28,20 @@ def _run(argv: list[str]) -> int:
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def job(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
         plain = to_plain(cfg)
         logging.getLogger("httpx").setLevel(logging.WARNING)
         configure(plain["workdir"])
         from fsa_distill.flows.pipeline import fsa_distill
 
-        result = fsa_distill(config=plain)
-        summary = json.dumps({"parent_run_id": result["parent_run_id"], "report": result["report"]})
+        hydra_cfg = HydraConfig.get()
+        # the command line's overrides name the Prefect flow run and the MLflow parent run
+        result = fsa_distill(config=plain, overrides=list(hydra_cfg.overrides.task))
+        keys = ("parent_run_id", "report", "mlflow_url")
+        summary = json.dumps({key: result[key] for key in keys if key in result})
         # beside Hydra's job folder too, where the sweep report (fsa_distill/sweep.py) reads it
-        from hydra.core.hydra_config import HydraConfig
-
-        (Path(HydraConfig.get().runtime.output_dir) / "result.json").write_text(summary)
+        (Path(hydra_cfg.runtime.output_dir) / "result.json").write_text(summary)
         print(summary)
 
     sys.argv = [sys.argv[0], *argv]
@@ -125,7 +128,9 @@ def _serve(argv: list[str]) -> int:
     configure(compose_config(args.overrides)["workdir"])
     from fsa_distill.flows.pipeline import fsa_distill
 
-    fsa_distill.serve(name=args.name, parameters={"overrides": list(args.overrides)})
+    # Served overrides are the deployment's base: a run's own `overrides` add to them (and win on
+    # conflict) instead of replacing them, as Prefect's top-level parameter merge would.
+    fsa_distill.serve(name=args.name, parameters={"base_overrides": list(args.overrides)})
     return 0
 
 

@@ -22,8 +22,9 @@ from pathlib import Path
 
 #: Only modules under these packages are followed: third-party code is pinned by the lock file.
 PROJECT = "fsa_distill"
-#: The runner: not part of any stage's logic, and an edit to it must not drop every cache.
-EXCLUDED = frozenset({"fsa_distill.tasks.stage", "fsa_distill.codehash"})
+#: The runner, and the progress reporting every stage calls: not part of any stage's logic (they
+#: write nothing a content hash covers), and an edit to them must not drop every cache.
+EXCLUDED = frozenset({"fsa_distill.tasks.stage", "fsa_distill.codehash", "fsa_distill.progress"})
 
 
 def _origin(module: str) -> Path | None:

@@ -109,6 +109,8 @@ class TrackingConfig:
     experiment: str = "fsa-distill"
     register_models: bool = True
     model_prefix: str = "fsa"
+    # Where the MLflow UI for `uri` is served: the links the flow prints and puts in Prefect.
+    ui: str = "http://127.0.0.1:5000"
 
 
 @dataclass
@@ -406,3 +408,53 @@ def seeds(cfg: dict[str, Any]) -> list[int]:
     """The fine-tuning seeds of a run: `finetune.seed` when set, else `finetune.seeds`."""
     ft = cfg["finetune"]
     return [ft["seed"]] if ft.get("seed") is not None else list(ft["seeds"])
+
+
+def _override_key(override: str) -> str:
+    """The key an override sets: `finetune.seed=52` -> `finetune.seed`, `+x.y=1` -> `x.y`, `~a` -> `a`."""
+    key = override.split("=", 1)[0]
+    return key.lstrip("+~")
+
+
+def merge_overrides(*lists: list[str] | tuple[str, ...]) -> list[str]:
+    """Concatenate override lists; a later value for the same key replaces an earlier one.
+
+    This is how a deployment's served overrides and a run's own combine: the run's win on
+    conflict, and Hydra never sees one key twice.
+    """
+    merged: dict[str, str] = {}
+    for overrides in lists:
+        for override in overrides:
+            key = _override_key(override)
+            merged.pop(key, None)
+            merged[key] = override
+    return list(merged.values())
+
+
+#: Overrides that say where things are, not what runs: left out of run names.
+_LOCATION_KEYS = (
+    "workdir",
+    "data.source",
+    "reviews.root",
+    "sentiment.source",
+    "run_name",
+    "tracking.uri",
+    "tracking.ui",
+)
+
+
+def display_name(run_name: str, overrides: list[str], limit: int = 120) -> str:
+    """A run's name from its config: `run_name` plus the overrides that change what it runs.
+
+    `default finetune.seed=52 teacher=vllm`: what the Prefect flow run and the MLflow parent run are
+    called, so runs of a sweep or of a deployment are told apart at a glance.
+    """
+    shown = [
+        o
+        for o in overrides
+        if _override_key(o) not in _LOCATION_KEYS
+        and not _override_key(o).startswith("hydra.")
+        and o != f"experiment={run_name}"  # `smoke`, not `smoke experiment=smoke`
+    ]
+    name = " ".join([run_name, *shown])
+    return name if len(name) <= limit else name[: limit - 1] + "…"

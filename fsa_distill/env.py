@@ -34,6 +34,10 @@ def configure(workdir: str | os.PathLike[str]) -> Path:
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "GIT_PYTHON_REFRESH": "quiet",
+        # The libraries' own loggers reach the Prefect UI on the task run that logged them (a
+        # teacher's warnings, a Trainer's messages); outside a run they only print.
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "transformers,accelerate,datasets,vllm,openai",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

@@ -135,10 +135,17 @@ class SweepReport(Callback):
         }
         (out_dir / JOB_FILE).write_text(json.dumps(record, indent=1, default=str))
         self._records.append(out_dir / JOB_FILE)
+        if status == "FAILED":
+            # Hydra's basic sweeper raises on a failed job and never calls on_multirun_end: write the
+            # report of the jobs so far now, so the finished ones are not lost.
+            self._write(config, partial=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled:
             return
+        self._write(config, partial=False)
+
+    def _write(self, config: DictConfig, partial: bool) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         overrides = [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]
         # jobs run here, else (launchers in other processes) the records under the sweep dir; a reused
@@ -148,10 +155,37 @@ class SweepReport(Callback):
         if not jobs:
             log.warning("sweep report: no job records (%s) under %s", JOB_FILE, sweep_dir)
             return
+        jobs = [job for job in jobs if job.get("report")]  # a failed job has no report to read
         out = sweep_dir / "report"
-        write_sweep_report(jobs, swept_keys(overrides), out)
-        log_sweep(jobs, swept_keys(overrides), out, sweep_dir)
+        keys = swept_keys(overrides)
+        summary = write_sweep_report(jobs, keys, out) if jobs else None
+        if summary is None:
+            log.warning("sweep report: no finished job under %s", sweep_dir)
+            return
+        if not partial:
+            log_sweep(jobs, keys, out, sweep_dir)
+        what = "partial sweep report (a job failed)" if partial else "sweep report"
+        print(f"{what}: {out}\n{sweep_table(summary, [k for k in keys if k not in SEED_KEYS])}", file=sys.stderr)
         print(json.dumps({"sweep_report": str(out)}))
+
+
+def sweep_table(summary: Any, params: list[str]) -> str:
+    """The sweep at a glance, for the terminal: test F1 (normal) mean ± std over seeds per setting and arm.
+
+    With several datasets only their mean is shown (`dataset = mean`); sweep.csv has every row.
+    """
+    rows = summary[summary.test_type == "normal"]
+    if (rows.dataset == MEAN_DATASET).any():
+        rows = rows[rows.dataset == MEAN_DATASET]
+    header = [*params, "student", "dataset", "F1 (%)", "seeds"]
+    lines = [header]
+    for row in rows.to_dict(orient="records"):
+        f1 = f"{row['f1_mean']:.2f} ± {row['f1_std']:.2f}"
+        lines.append(
+            [*(str(row[p]) for p in params), str(row["student"]), str(row["dataset"]), f1, str(row["n_seeds"])]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
 
 
 def swept_keys(overrides: list[str]) -> list[str]:

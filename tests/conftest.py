@@ -28,33 +28,15 @@ DATA_SOURCE = os.environ["FSA_DATA_SOURCE"]
 
 
 def shrunk(workdir: Path, *extra: str) -> list[str]:
-    """Overrides that shrink the real default config to seconds: few sentences, one epoch, a tiny T5.
+    """The real config with `experiment=smoke` (conf/experiment/smoke.yaml): a whole run in seconds.
 
-    Distillation is off here; `shrunk_distill` switches it on with a tiny teacher corpus.
+    Distillation is off here; `shrunk_distill` switches it on (two reviews through the teacher).
     """
     return [
+        "experiment=smoke",
         f"workdir={workdir}",
         "distill.enabled=false",
         f"data.source={DATA_SOURCE}",
-        "data.limit=12",
-        "data.datasets=[atsa/rest14,acsa/rest16]",
-        "finetune.epochs=1",
-        "finetune.seeds=[42]",
-        "finetune.batch_size=4",
-        "student.vocab_size=600",
-        "student.d_model=32",
-        "student.d_ff=64",
-        "student.d_kv=8",
-        "student.num_heads=2",
-        "student.num_layers=1",
-        "student.num_decoder_layers=1",
-        "evaluate.max_new_tokens=12",
-        # the teacher in context and zero-shot sentiment, on a few sentences
-        "teacher_eval.seeds=[42]",
-        "teacher_eval.sample=3",
-        "teacher_eval.max_new_tokens=16",
-        "zeroshot.datasets=[sst2]",
-        "zeroshot.sample=8",
         *extra,
     ]
 
@@ -63,21 +45,8 @@ REVIEWS_ROOT = str(Path(DATA_SOURCE).parent / "reviews")
 
 
 def shrunk_distill(workdir: Path, *extra: str) -> list[str]:
-    """`shrunk` with distillation on: a handful of reviews, short teacher outputs, a few pretraining steps."""
-    return shrunk(
-        workdir,
-        "distill.enabled=true",
-        f"reviews.root={REVIEWS_ROOT}",
-        "reviews.per_domain=1",
-        "teacher.max_reviews=2",
-        "teacher.shard_size=2",
-        "teacher.batch_size=4",
-        "pretrain.max_steps=3",
-        "pretrain.save_steps=2",
-        "pretrain.batch_size=4",
-        "pretrain.max_target_length=64",
-        *extra,
-    )
+    """`experiment=smoke` as it is: distillation on, with the local review mirror."""
+    return shrunk(workdir, "distill.enabled=true", f"reviews.root={REVIEWS_ROOT}", *extra)
 
 
 @pytest.fixture(scope="session")

@@ -65,3 +65,49 @@ def test_unknown_pretrain_objective_and_teacher_backend_are_rejected():
         compose_config(["pretrain.objectives=[distill,mlm]"])
     with pytest.raises(ValueError, match=r"teacher\.backend: 'ollama' is not one of"):
         compose_config(["teacher.backend=ollama"])
+
+
+def test_served_and_run_overrides_merge_with_the_run_winning():
+    from fsa_distill.config import merge_overrides
+
+    served = ["experiment=smoke", "data.limit=40", "finetune.seed=42"]
+    run = ["finetune.seed=52", "+extra.key=1"]
+    merged = merge_overrides(served, run)
+    assert merged == ["experiment=smoke", "data.limit=40", "finetune.seed=52", "+extra.key=1"]
+    assert compose_config(["experiment=smoke", "finetune.seed=42", "finetune.seed=52"])["finetune"]["seed"] == 52
+
+
+def test_run_names_say_what_changed_not_where_things_are():
+    from fsa_distill.config import display_name
+
+    overrides = ["workdir=/tmp/w", "data.source=/mirror", "finetune.seed=52", "teacher=vllm", "run_name=x"]
+    assert display_name("default", overrides) == "default finetune.seed=52 teacher=vllm"
+    assert display_name("default", []) == "default"
+    assert len(display_name("d", [f"k{i}=v" for i in range(100)])) == 120
+
+
+def test_smoke_experiment_shrinks_the_real_config():
+    cfg = compose_config(["experiment=smoke"])
+    assert cfg["run_name"] == "smoke" and cfg["finetune"]["epochs"] == 1 and cfg["data"]["limit"] == 12
+    assert cfg["distill"]["enabled"] and cfg["pretrain"]["max_steps"] == 3
+    assert cfg["teacher"]["name"] == compose_config([])["teacher"]["name"]  # the same teacher, fewer reviews
+
+
+def test_deployment_form_offers_the_common_choices_and_composes_them_in_order():
+    from fsa_distill.flows.pipeline import Choices, composed_overrides, fsa_distill
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(fsa_distill.fn).model_dump()
+    assert {"overrides", "choices", "base_overrides"} <= set(schema["properties"])
+    form = schema["definitions"]["Choices"]["properties"]
+    assert "smollm2" in form["teacher"]["anyOf"][0]["enum"] and "smoke" in form["experiment"]["anyOf"][0]["enum"]
+    parameters = {
+        "base_overrides": ["experiment=smoke", "data.limit=40"],
+        "choices": Choices(teacher="released", seeds=[42, 52]),
+        "overrides": ["data.limit=20"],
+    }
+    composed = composed_overrides(parameters)
+    assert composed == ["experiment=smoke", "teacher=released", "finetune.seeds=[42,52]", "data.limit=20"]
+    cfg = compose_config(composed)
+    assert cfg["data"]["limit"] == 20 and cfg["teacher"]["backend"] == "released"
+    assert cfg["finetune"]["seeds"] == [42, 52]

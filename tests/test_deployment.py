@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -17,7 +18,7 @@ from tests.servers import background, free_port, wait_http
 pytestmark = pytest.mark.slow
 
 
-def test_deployment_runs_with_overrides(tmp_path):
+def test_deployment_run_adds_its_overrides_to_the_served_ones(tmp_path):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ)
@@ -37,16 +38,30 @@ def test_deployment_runs_with_overrides(tmp_path):
             from prefect.deployments import run_deployment
 
             _wait_for_deployment("fsa-distill/ci", serve, tmp_path / "serve.log")
-            overrides = shrunk(workdir, "run_name=from-deployment", "finetune.learning_rate=0.002")
-            flow_run = run_deployment("fsa-distill/ci", parameters={"overrides": overrides}, timeout=600)
+            # the run sends only what it changes; the served (smoke) overrides stay, the run's win
+            parameters = {"overrides": ["finetune.learning_rate=0.002"], "choices": {"run_name": "from-deployment"}}
+            flow_run = run_deployment("fsa-distill/ci", parameters=parameters, timeout=600)
             log = (tmp_path / "serve.log").read_text()
             assert flow_run.state.is_completed(), f"{flow_run.state}\n{log[-4000:]}"
+            # named from its config, not random words; the form offers the common choices
+            assert flow_run.name.startswith("from-deployment") and "finetune.learning_rate=0.002" in flow_run.name
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                deployment = client.read_deployment_by_name("fsa-distill/ci")
+            form = deployment.parameter_openapi_schema["properties"]
+            assert {"overrides", "choices", "base_overrides"} <= set(form)
 
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     exp = client.get_experiment_by_name("fsa-distill")
-    parents = client.search_runs([exp.experiment_id], "attributes.run_name = 'from-deployment'")
+    parents = client.search_runs([exp.experiment_id], "tags.run_name = 'from-deployment' and tags.kind = 'flow'")
     assert len(parents) == 1 and parents[0].data.params["finetune.learning_rate"] == "0.002"
+    assert parents[0].info.run_name == flow_run.name  # MLflow parent and Prefect flow run: one name
+    assert parents[0].data.params["data.limit"] == "12"  # served with experiment=smoke: kept
     assert parents[0].info.status == "FINISHED"
+    recorded = json.loads(parents[0].data.tags["overrides"])
+    assert "experiment=smoke" in recorded and recorded[-1] == "finetune.learning_rate=0.002"
+    assert parents[0].data.tags["prefect.flow_run_id"] == str(flow_run.id)
     query = f"tags.mlflow.parentRunId = '{parents[0].info.run_id}' and tags.kind = 'finetune'"
     children = client.search_runs([exp.experiment_id], query)
     assert len(children) == 2

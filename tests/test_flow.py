@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
 from pathlib import Path
 
 import mlflow
@@ -30,8 +32,22 @@ def _task_runs(flow_run_id) -> list:
         return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
-def _task_states(flow_run_id) -> dict[str, str]:
-    return {run.name: run.state.name for run in _task_runs(flow_run_id)}
+def _task_states(flow_run_id, timeout_s: float = 30.0) -> dict[str, str]:
+    """Task-run name -> final state name; Prefect records task states asynchronously, so wait for them."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = _task_runs(flow_run_id)
+        if all(run.state is not None and run.state.is_final() for run in runs) or time.monotonic() > deadline:
+            return {run.name: run.state.name if run.state else "None" for run in runs}
+        time.sleep(0.5)
+
+
+def _output_with_sha(workdir: Path, stage: str, sha: str) -> Path:
+    for folder in (Path(workdir) / "artifacts" / stage).iterdir():
+        manifest = folder / "_manifest.json"
+        if manifest.is_file() and json.loads(manifest.read_text())["sha256"] == sha:
+            return folder
+    raise AssertionError(f"no {stage} output with content hash {sha}")
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +84,25 @@ def test_flow_tracks_parent_children_metrics_and_models(first_run):
     assert "baseline.sst2.macro_f1_mean" in parent.data.metrics
 
     exp = parent.info.experiment_id
+    # the UI opens on the runs table; the source column links a real commit
+    assert client.get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
+    commit = parent.data.tags["mlflow.source.git.commit"]
+    assert commit == "unknown" or (len(commit) == 40 and "dirty" not in commit)
+    assert parent.info.run_name.startswith("smoke")  # named after its config, not "default"
     children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.kind = 'finetune'")
     assert sorted(c.data.tags["dataset"] for c in children) == ["acsa/rest16", "atsa/rest14"]
     for child in children:
         metrics = child.data.metrics
+        # its data (Dataset column), the model it made (Models column), predictions the UI previews
+        inputs = {d.dataset.name: d.dataset.digest for d in child.inputs.dataset_inputs}
+        dataset = child.data.tags["dataset"]
+        assert {f"{dataset}:train", f"{dataset}:dev", f"{dataset}:test"} <= set(inputs) and all(inputs.values())
+        assert "evaluation/predictions.json" in {f.path for f in client.list_artifacts(child.info.run_id, "evaluation")}
+        # created before its training started and fed while it ran: curve points carry real times
+        model_dir = _output_with_sha(workdir, "finetune", child.data.tags["model_sha256"])
+        history = client.get_metric_history(child.info.run_id, "train_loss")
+        assert history and child.info.start_time <= min(m.timestamp for m in history) <= child.info.end_time
+        assert child.info.start_time < (model_dir / "train_log.json").stat().st_mtime * 1000
         for test_type in ("normal", "implicit", "mams", "hard"):
             assert 0.0 <= metrics[f"test_{test_type}_f1"] <= 1.0
         assert "dev_best_f1" in metrics
@@ -79,6 +110,8 @@ def test_flow_tracks_parent_children_metrics_and_models(first_run):
         name, version = child.data.tags["model_version"].split("/")
         mv = client.get_model_version(name, version)
         assert mv.run_id == child.info.run_id and mv.tags["sha256"] == child.data.tags["model_sha256"]
+        assert str(client.get_model_version_by_alias(name, "best").version) == version  # one version: the best
+        assert child.info.run_id in mv.description
         local = mlflow.artifacts.download_artifacts(
             run_id=child.info.run_id, artifact_path="evaluation/predictions.parquet", tracking_uri=client.tracking_uri
         )
@@ -88,11 +121,22 @@ def test_flow_tracks_parent_children_metrics_and_models(first_run):
 
 
 def test_unchanged_rerun_is_fully_cached(first_run):
-    _, overrides, result, _ = first_run
+    workdir, overrides, result, _ = first_run
     again, run_id = _run(overrides)
     states = _task_states(run_id)
     assert states and set(states.values()) == {"Cached"}, states
     assert again["report"] == result["report"]
+    assert {row["stage"] for row in again["stages"]} >= {"acquire", "finetune", "evaluate", "report"}
+    assert all(row["ran"] == 0 and row["cached"] > 0 for row in again["stages"]), again["stages"]
+
+    # MLflow: one parent tagged cached that links to the runs that made the results, no duplicate tree
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    parent = client.get_run(again["parent_run_id"])
+    assert parent.data.tags["cached"] == "true"
+    exp = parent.info.experiment_id
+    assert not client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    first_children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
+    assert set(again["reused_runs"].values()) == {c.info.run_id for c in first_children}
 
 
 def test_changed_finetune_setting_reruns_only_what_depends_on_it(first_run):

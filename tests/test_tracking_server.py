@@ -35,8 +35,10 @@ def test_flow_logs_and_registers_on_a_tracking_server(tmp_path):
         (child,) = client.search_runs([parent.info.experiment_id], query)
         assert "test_normal_f1" in child.data.metrics
         name, version = child.data.tags["model_version"].split("/")
-        files = {f.path for f in client.list_artifacts(child.info.run_id, "model")}
-        assert "model/config.json" in files and "model/model.safetensors" in files
-        assert client.get_model_version(name, version).source.endswith("/model")
+        mv = client.get_model_version(name, version)
+        logged = client.get_logged_model(mv.tags["model_id"])  # the Models column: a logged model of the run
+        assert logged.source_run_id == child.info.run_id and mv.source == logged.artifact_location
+        files = {f.path for f in client.list_logged_model_artifacts(logged.model_id)}
+        assert {"config.json", "model.safetensors"} <= files
     # the artifacts went to the server's store, not to the local workdir
     assert any((tmp_path / "store").rglob("model.safetensors"))

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fsa_distill.flows.tracking import MARKER, Tracker, sqlite_path
+from fsa_distill.flows.tracking import MARKER, Tracker, location_path, sqlite_path
 from mlflow.tracking import MlflowClient
 
 EXPERIMENT = "fsa-distill"
@@ -64,8 +64,10 @@ def check_moved(old: Path, new: Path, ids: dict[str, str], scratch: Path) -> Tra
     got = Path(client.download_artifacts(ids["parent"], "note.txt", str(scratch / "dl")))
     assert got.read_text() == "parent note"
     version = client.get_model_version(MODEL, ids["version"])
-    assert version.source.startswith(root.as_uri() + "/") and version.source.endswith("/model")
-    model = Path(client.download_artifacts(ids["child"], "model", str(scratch / "dl-model")))
+    # the version's source is its logged model's folder, which moved with the workdir
+    assert version.source.startswith(root.as_uri() + "/")
+    assert version.source == client.get_logged_model(version.tags["model_id"]).artifact_location
+    model = location_path(version.source)
     assert (model / "config.json").read_text() == '{"d_model": 8}'
     assert (root / MARKER).read_text().strip() == str(root)
     return t
