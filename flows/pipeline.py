@@ -354,7 +354,6 @@ class Wiring:
         built = corpus.result() if corpus is not None else None
         arm_models = {arm: future.result() for arm, future in arms.items()}
 
-        self.tree.zeroshot(sentiment_done)
         evaluations = {run: pair[1] for run, pair in done.items()} | teacher_done
         results = [{"student": m, "dataset": d, "seed": s, "evaluation": ev} for (m, d, s), ev in evaluations.items()]
         sentiment = [
@@ -417,6 +416,11 @@ class Wiring:
                     if zs["teacher"] and has_teacher:
                         key = (f"teacher-k{zs['k']}", dataset, seed)
                         sentiment[key] = self.spawn(teacher_sentiment_job, dataset, seed)
+        by_model: dict[str, dict[tuple[str, str, int], Future]] = {}
+        for key, future in sentiment.items():
+            by_model.setdefault(key[0], {})[key] = future
+        for jobs in by_model.values():  # a model's zero-shot child as soon as its sets are scored
+            self.spawn(lambda jobs=jobs: self.tree.zeroshot({key: future.result() for key, future in jobs.items()}))
         return teacher, sentiment
 
     def _pretrain(self, student: Future, corpus: Future, objective: str) -> Artifact:

@@ -78,3 +78,17 @@ def read_log(folder: str | Path, name: str) -> Any:
     content = json.loads((folder / name).read_text())
     path = folder / "measured" / name
     return merge(content, json.loads(path.read_text())) if path.is_file() else content
+
+
+def last_checkpoint(scratch: str | Path) -> str | None:
+    """The newest *complete* Trainer checkpoint under `scratch` (it has `trainer_state.json`), or None.
+
+    A process killed while saving leaves a `checkpoint-N` folder without its state; transformers'
+    `get_last_checkpoint` would pick it and the resume would fail. The one before it is used instead.
+    """
+    found = []
+    for path in Path(scratch).glob("checkpoint-*"):
+        step = path.name.split("-", 1)[1]
+        if step.isdigit() and (path / "trainer_state.json").is_file():
+            found.append((int(step), path))
+    return str(max(found)[1]) if found else None

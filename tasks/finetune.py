@@ -32,10 +32,9 @@ from transformers import (
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from fsa_distill.artifacts import Artifact
-from fsa_distill.models import TRAIN_LOCK, load_seq2seq, write_log
+from fsa_distill.models import TRAIN_LOCK, last_checkpoint, load_seq2seq, write_log
 from fsa_distill.progress import ProgressCallback, write_log_times
 
 
@@ -150,7 +149,7 @@ def _train(out: Path, scratch: Path, model: Any, tokenizer: Any, ft: dict[str, A
     trainer.remove_callback(PrinterCallback)
     progress = ProgressCallback("finetune")
     trainer.add_callback(progress)
-    resume = get_last_checkpoint(str(scratch))
+    resume = last_checkpoint(scratch)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out))
     tokenizer.save_pretrained(out)

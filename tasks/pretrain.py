@@ -34,11 +34,10 @@ from datasets import Dataset
 from fsa_distill.tasks.stage import stage
 from fsa_distill.tasks.student import NEWLINE_TOKEN
 from transformers import DataCollatorForSeq2Seq, PrinterCallback, Seq2SeqTrainer, Seq2SeqTrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from fsa_distill.artifacts import Artifact
 from fsa_distill.errors import InputError
-from fsa_distill.models import TRAIN_LOCK, load_seq2seq, write_log
+from fsa_distill.models import TRAIN_LOCK, last_checkpoint, load_seq2seq, write_log
 from fsa_distill.progress import ProgressCallback, write_log_times
 
 OBJECTIVES = ("distill", "span_corruption")
@@ -229,7 +228,7 @@ def pretrain(out: Path, *, scratch: Path, student: Artifact, corpus: Artifact, o
         trainer.remove_callback(PrinterCallback)
         progress = ProgressCallback("pretrain")
         trainer.add_callback(progress)
-        resume = get_last_checkpoint(str(scratch))
+        resume = last_checkpoint(scratch)
         trainer.train(resume_from_checkpoint=resume)
         trainer.save_model(str(out))
     tokenizer.save_pretrained(out)

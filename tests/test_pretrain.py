@@ -133,3 +133,16 @@ def test_killed_pretrain_resumes_from_last_checkpoint(setup):
     log = read_log(model.path, "pretrain_log.json")
     assert log["stats"]["resumed_from"] == f"checkpoint-{last}"
     assert not scratch.exists()
+
+
+def test_resume_skips_a_checkpoint_killed_while_saving(tmp_path):
+    from fsa_distill.models import last_checkpoint
+
+    for step, complete in ((4, True), (8, True), (12, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")
+    assert last_checkpoint(tmp_path / "none") is None
