@@ -29,6 +29,7 @@ from fsa_distill.tasks.evaluate import read_metrics
 
 from fsa_distill.artifacts import MANIFEST, Artifact
 from fsa_distill.models import read_log
+from fsa_distill.progress import read_log_times
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +54,6 @@ def split_inputs(dataset: str, data: Artifact, splits: tuple[str, ...] = tuple(S
             out.append({"name": f"{dataset}:{split}", "digest": files[name][:36],
                         "source": str(Path(data.path) / name), "context": SPLIT_CONTEXT[split]})  # fmt: skip
     return out
-
-
-def measured_times(folder: str | Path) -> list[float] | None:
-    """Wall-clock times of the log-history entries a training stage recorded (outside its content hash)."""
-    path = Path(folder) / "measured" / "log_times.json"
-    try:
-        times = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return times if isinstance(times, list) else None
 
 
 class RunTree:
@@ -140,7 +131,7 @@ class RunTree:
             for key, value in tags.items():
                 self.tracker.client.set_tag(child, key, value)
             if not streamed:  # a cached training replays its curves with their recorded times
-                self.tracker.history(child, read_log(model_dir, "train_log.json"), times=measured_times(model_dir))
+                self.tracker.history(child, read_log(model_dir, "train_log.json"), times=read_log_times(model_dir))
             dev = numeric(read_log(model_dir, "dev_metrics.json"))
             self.tracker.metrics(child, {f"dev_best_{k}": v for k, v in dev.items()})
             self.tracker.metrics(child, _test_metrics(test))
@@ -243,7 +234,7 @@ class RunTree:
         def fill(child: str) -> None:
             logged = read_log(model.path, "pretrain_log.json")
             if not streamed:
-                self.tracker.history(child, logged["history"], times=measured_times(model.path))
+                self.tracker.history(child, logged["history"], times=read_log_times(model.path))
             self.tracker.metrics(child, {f"corpus_{k}": v for k, v in numeric(logged["stats"]).items()})
             self.tracker.client.set_tag(child, "model_sha256", model.sha256)
             files = _manifest_files(corpus.path)
