@@ -50,10 +50,13 @@ from fsa_distill.redact import redact_config, redact_text
 
 
 def make_runner(runner: dict[str, Any]) -> Any:
-    """The configured Prefect task runner: threads, or a local Dask cluster of worker processes."""
+    """The configured Prefect task runner: threads, a local Dask cluster of worker processes, or
+    the running Dask scheduler at `runner.address`."""
     if runner["kind"] == "dask":
         from prefect_dask import DaskTaskRunner
 
+        if runner.get("address"):
+            return DaskTaskRunner(address=runner["address"])
         return DaskTaskRunner(
             cluster_kwargs={"n_workers": runner["workers"], "threads_per_worker": 1, "processes": True}
         )

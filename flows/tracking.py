@@ -21,6 +21,7 @@ artifact root's previous location at its current one (see `relocate`).
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import logging
@@ -148,6 +149,26 @@ def sqlite_path(uri: str) -> Path | None:
         return None
     path = uri[len("sqlite:///") :].split("?", 1)[0]
     return Path(path) if path and path != ":memory:" else None
+
+
+@contextmanager
+def db_lock(db: Path | None) -> Iterator[None]:
+    """Hold an exclusive lock on `<db>.lock` across processes (no-op without a local database).
+
+    Two runs started together on a fresh workdir both create the SQLite database, and MLflow's
+    migration of the second one fails ("Online migration expected to match one row"): creating
+    it, like relocating it, is done by one process at a time.
+    """
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def location_path(location: str | None) -> Path | None:
@@ -363,7 +384,7 @@ class Tracker:
         db = sqlite_path(uri)
         root = artifact_root.resolve() if artifact_root is not None else None
         self._lock = store_lock(uri)
-        with self._lock:
+        with self._lock, db_lock(db):
             if db is not None and root is not None and db.is_file():
                 old = previous_root(db, experiment, root)
                 if old is not None:

@@ -38,7 +38,7 @@ def _run(argv: list[str]) -> int:
         hydra_cfg = HydraConfig.get()
         # the command line's overrides name the Prefect flow run and the MLflow parent run
         result = fsa_distill(config=plain, overrides=list(hydra_cfg.overrides.task))
-        keys = ("parent_run_id", "report", "mlflow_url")
+        keys = ("parent_run_id", "report", "mlflow_url", "stages")
         summary = json.dumps({key: result[key] for key in keys if key in result})
         # beside Hydra's job folder too, where the sweep report (fsa_distill/sweep.py) reads it
         (Path(hydra_cfg.runtime.output_dir) / "result.json").write_text(summary)

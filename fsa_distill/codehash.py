@@ -24,7 +24,7 @@ from pathlib import Path
 PROJECT = "fsa_distill"
 #: The runner, and the progress reporting every stage calls: not part of any stage's logic (they
 #: write nothing a content hash covers), and an edit to them must not drop every cache.
-EXCLUDED = frozenset({"fsa_distill.tasks.stage", "fsa_distill.codehash", "fsa_distill.progress"})
+EXCLUDED = frozenset({"fsa_distill.tasks.stage", "fsa_distill.codehash", "fsa_distill.progress", "fsa_distill.locks"})
 
 
 def _origin(module: str) -> Path | None:

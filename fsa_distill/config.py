@@ -115,10 +115,15 @@ class TrackingConfig:
 
 @dataclass
 class RunnerConfig:
-    """The Prefect task runner that maps stages: `thread` (default) or `dask` (prefect-dask)."""
+    """The Prefect task runner that maps stages: `thread` (default) or `dask` (prefect-dask).
+
+    With `dask`, `address` (`tcp://host:8786`) connects to a running Dask scheduler instead of
+    starting a local cluster; `workers` then bounds how many stages the flow keeps in flight there.
+    """
 
     kind: str = "thread"
     workers: int = 2
+    address: str | None = None
 
 
 @dataclass
@@ -375,6 +380,8 @@ def validate(cfg: dict[str, Any]) -> None:
             raise ValueError(f"evaluate.test_types: unknown {test_type!r}; known: {', '.join(TEST_TYPES)}")
     if cfg["runner"]["kind"] not in ("thread", "dask"):
         raise ValueError(f"runner.kind: {cfg['runner']['kind']!r} is not one of thread, dask")
+    if cfg["runner"].get("address") and cfg["runner"]["kind"] != "dask":
+        raise ValueError("runner.address: a Dask scheduler address needs runner=dask")
     if not seeds(cfg):
         raise ValueError("finetune.seeds is empty")
     for objective in cfg["pretrain"]["objectives"]:

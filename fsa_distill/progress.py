@@ -3,8 +3,13 @@
 A run must show that it is alive (the teacher generating, a student training) without flooding
 the console or slowing the work: `Progress` writes rate-limited INFO lines (done/total, rate,
 ETA) on the `fsa_distill.progress` logger, every `FSA_PROGRESS_INTERVAL_S` seconds (default 30)
-and once when it finishes. Bars are a poor fit: tqdm turns itself off without a TTY and worker
-threads would interleave them (docs: /work/shared/design/watch-and-compare.md, section 2).
+and once when it finishes. On a terminal (`FSA_PROGRESS=auto`, the default; `live` or `plain`
+force either) a `Board` also shows one row per running `Progress`, redrawn in place under the
+log: stages run in parallel threads, so one owner draws every row, and Prefect's console
+handlers print through that owner while it is live (their lines land above the rows instead of
+through them). The periodic lines are then left off the console only: Prefect's API and any
+other handler still get them. Off a terminal (CI, a log file) there are only the plain lines
+(docs: /work/shared/design/watch-and-compare.md, section 2).
 
 Stage code calls only this module, never Prefect or MLflow. What watches a stage is an
 `Observer` set for the duration of the stage by the runner (`tasks/stage.py`, with `observing`):
@@ -13,9 +18,10 @@ progress line reaches it as well (the runner drives a Prefect progress artifact)
 observer, `metrics()` does nothing. Nothing here touches an output's content: times that a
 stage keeps (`write_log_times`) go under `measured/`, outside the content hash.
 
-`install_stage_logging()` makes the records of every `fsa_distill.*` logger that are emitted
-inside a Prefect task run go through Prefect's task-run logger, so the console shows
-`Task run 'finetune[...]' - ...` and the UI shows them on that task run. Prefect is imported
+`install_stage_logging()` makes the records of every `fsa_distill.*` logger (stages, flows and
+teachers included) that are emitted inside a Prefect task run go through Prefect's task-run logger, so
+the console shows `Task run 'finetune[...]' - ...` and the UI shows them on that task run; emitted
+in the flow itself (outside any task run), they go through the flow run's logger. Prefect is imported
 only there, lazily: importing this module costs the standard library only.
 
 `ProgressCallback` (a `transformers.TrainerCallback`, built on first access so that transformers
@@ -45,6 +51,9 @@ LOGGER = "fsa_distill.progress"
 #: Seconds between two progress lines of one `Progress` (environment variable, default 30).
 INTERVAL_ENV = "FSA_PROGRESS_INTERVAL_S"
 DEFAULT_INTERVAL_S = 30.0
+#: How progress shows (environment variable): `auto` (live rows on a terminal, plain lines
+#: otherwise, the default), `live` or `plain`.
+MODE_ENV = "FSA_PROGRESS"
 #: Rates (and so ETAs) are shown once this many seconds have passed: a first instant says nothing.
 MIN_RATE_S = 1.0
 #: The folder of an output whose files are outside its content hash (`fsa_distill.artifacts.MEASURED`).
@@ -197,6 +206,10 @@ class Progress:
         self._last = self._start
         self._closed = False
         self._lock = threading.Lock()
+        self._board = board()
+        self._board_at = -math.inf
+        if self._board is not None:
+            self._board.add(self, _row_label(what))
 
     @property
     def closed(self) -> bool:
@@ -241,6 +254,9 @@ class Progress:
         now = self._clock()
         if self.total is not None and done >= self.total:
             return self._finish(now)
+        if self._board is not None and now - self._board_at >= BOARD_INTERVAL_S:
+            self._board_at = now
+            self._board.update(self, *self._line(now, final=False))
         if now - self._last >= self.interval_s:
             self._last = now
             return self._line(now, final=False)
@@ -249,6 +265,8 @@ class Progress:
     def _finish(self, now: float) -> tuple[str, dict[str, Any]]:
         self._closed = True
         self._last = now
+        if self._board is not None:
+            self._board.remove(self)
         return self._line(now, final=True)
 
     def _line(self, now: float, *, final: bool) -> tuple[str, dict[str, Any]]:
@@ -296,6 +314,184 @@ class Progress:
         text, info = line
         self._logger.info(text, extra={"progress": info})
         _notify("progress", info)
+
+
+# ------------------------------------------------------------------------------------------------
+# The live board: one row per running Progress on a terminal
+
+#: Seconds between two redraws of a row's text (rich redraws the screen at its own rate).
+BOARD_INTERVAL_S = 0.25
+
+
+def live_wanted() -> bool:
+    """Whether progress shows as live rows: `FSA_PROGRESS` is `live`, or `auto` (default) on a terminal.
+
+    `auto` means stderr is a terminal and `CI` is unset, as tqdm and rich decide: CI logs and files
+    get plain lines. An unknown value counts as `auto`.
+    """
+    mode = os.environ.get(MODE_ENV, "auto").strip().lower()
+    if mode in ("plain", "live"):
+        return mode == "live"
+    try:
+        terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
+        terminal = False
+    return terminal and not os.environ.get("CI")
+
+
+def _row_label(what: str) -> str:
+    """A row's label: the Prefect task run's name (`finetune[distill-atsa-rest14-42]`) and `what`."""
+    if "prefect" not in sys.modules:
+        return what
+    from prefect.context import TaskRunContext
+
+    name = _given_task_run_name(TaskRunContext.get())
+    return f"{name} {what}" if name and name != what else what
+
+
+class _HideRunningLines(logging.Filter):
+    """On a console handler while the board is live: drop the periodic progress lines its rows show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        info = getattr(record, "progress", None)
+        return not (isinstance(info, dict) and not info.get("final"))
+
+
+class Board:
+    """The rows of the running `Progress`es, redrawn in place on one rich console (`console`, default stderr).
+
+    Live while it has rows (the rows vanish when the last one ends: each stage's final line is in
+    the log). While live, every logging handler that prints through a rich console on a terminal
+    (Prefect's `PrefectConsoleHandler`) prints through this board's console instead, so its lines
+    go above the rows, and leaves out the periodic progress lines the rows already show.
+    """
+
+    def __init__(self, console: Any = None) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, TextColumn
+        from rich.progress import Progress as Rows
+
+        self.console = console if console is not None else Console(stderr=True)
+        self._rows = Rows(
+            TextColumn("{task.description}", markup=False),  # `finetune[...]` is a name, not markup
+            BarColumn(bar_width=16),
+            TextColumn("{task.fields[status]}", markup=False),
+            console=self.console,
+            transient=True,
+            refresh_per_second=4,
+            redirect_stdout=False,
+        )
+        self._ids: dict[int, Any] = {}
+        self._lock = threading.RLock()
+        self._swapped: list[tuple[logging.Handler, Any]] = []
+        self._filter = _HideRunningLines()
+
+    @property
+    def live(self) -> bool:
+        """Whether the rows are on screen."""
+        return bool(self._ids)
+
+    def add(self, progress: Progress, label: str) -> None:
+        """Show a row for `progress`, labelled `label`; the first row starts the board."""
+        with self._lock:
+            if not self._ids:
+                self._start()
+            self._ids[id(progress)] = self._rows.add_task(label, total=progress.total, status="starting")
+
+    def update(self, progress: Progress, text: str, info: Mapping[str, Any]) -> None:
+        """Redraw `progress`'s row from its line (`text` without the `what:` prefix)."""
+        with self._lock:
+            task = self._ids.get(id(progress))
+            if task is not None:
+                status = text.split(": ", 1)[-1]
+                self._rows.update(task, completed=info["done"], total=info["total"], status=status)
+
+    def remove(self, progress: Progress) -> None:
+        """Drop `progress`'s row; the last row stops the board."""
+        with self._lock:
+            task = self._ids.pop(id(progress), None)
+            if task is None:
+                return
+            self._rows.remove_task(task)
+            if not self._ids:
+                self._stop()
+
+    def _start(self) -> None:
+        from rich.console import Console
+
+        for handler in _all_handlers():
+            console = getattr(handler, "console", None)
+            if isinstance(console, Console) and console.is_terminal and console is not self.console:
+                self._swapped.append((handler, console))
+                handler.console = _PrintAbove(console, self.console)  # type: ignore[attr-defined]
+                handler.addFilter(self._filter)
+        self._rows.start()
+
+    def _stop(self) -> None:
+        self._rows.stop()
+        for handler, console in self._swapped:
+            handler.console = console  # type: ignore[attr-defined]
+            handler.removeFilter(self._filter)
+        self._swapped.clear()
+
+
+class _PrintAbove:
+    """A handler's rich console while the board is live: renders exactly as that console would
+    (its markup, highlighter and theme: Prefect's colours), then prints above the rows."""
+
+    def __init__(self, own: Any, board: Any) -> None:
+        self._own, self._board = own, board
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        from rich.text import Text
+
+        with self._own.capture() as captured:
+            self._own.print(*objects, **kwargs)
+        self._board.print(Text.from_ansi(captured.get(), end=""), soft_wrap=True)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._own, name)
+
+
+def _all_handlers() -> list[logging.Handler]:
+    """Every handler on the root logger and on each logger created so far, once each."""
+    loggers: list[logging.Logger] = [logging.getLogger()]
+    loggers += [x for x in list(logging.Logger.manager.loggerDict.values()) if isinstance(x, logging.Logger)]
+    seen: dict[int, logging.Handler] = {}
+    for logger in loggers:
+        for handler in logger.handlers:
+            seen.setdefault(id(handler), handler)
+    return list(seen.values())
+
+
+_BOARD: Board | None = None
+_BOARD_LOCK = threading.Lock()
+_BOARD_OVERRIDE: ContextVar[Board | None] = ContextVar("fsa_distill_board", default=None)
+
+
+def board() -> Board | None:
+    """The board new `Progress` rows go to: the one `showing` set, else the process's when
+    `live_wanted()`, else None (plain lines only)."""
+    global _BOARD
+    chosen = _BOARD_OVERRIDE.get()
+    if chosen is not None:
+        return chosen
+    if not live_wanted():
+        return None
+    with _BOARD_LOCK:
+        if _BOARD is None:
+            _BOARD = Board()
+        return _BOARD
+
+
+@contextmanager
+def showing(chosen: Board) -> Iterator[Board]:
+    """Use `chosen` as the board in this context (tests: a board on a console they read)."""
+    token = _BOARD_OVERRIDE.set(chosen)
+    try:
+        yield chosen
+    finally:
+        _BOARD_OVERRIDE.reset(token)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -491,17 +687,37 @@ _INSTALL_LOCK = threading.Lock()
 _FORMAT = "%(asctime)s.%(msecs)03d | %(levelname)-7s | %(name)s - %(message)s"
 
 
-def _task_run_logger() -> logging.LoggerAdapter | None:
-    """Prefect's logger for the task run active in this context, or None (none, or Prefect not loaded)."""
-    if "prefect" not in sys.modules:  # no task run can be active without Prefect imported
+def _run_logger() -> logging.LoggerAdapter | None:
+    """Prefect's logger for the task run active in this context, else for the flow run, else None
+    (neither, or Prefect not loaded)."""
+    if "prefect" not in sys.modules:  # no run can be active without Prefect imported
         return None
-    from prefect.context import TaskRunContext
+    from prefect.context import FlowRunContext, TaskRunContext
 
-    if TaskRunContext.get() is None:
+    task_context = TaskRunContext.get()
+    if task_context is None and FlowRunContext.get() is None:
         return None
     from prefect.logging import get_run_logger
 
-    return get_run_logger()  # type: ignore[return-value]
+    logger = get_run_logger()
+    name = _given_task_run_name(task_context)
+    if name and isinstance(getattr(logger, "extra", None), dict):
+        logger.extra["task_run_name"] = name  # type: ignore[index]
+    return logger  # type: ignore[return-value]
+
+
+def _given_task_run_name(context: Any) -> str | None:
+    """The name a task run was given (`task_run_name`, as `Stage.submit` sets: `finetune[...]`).
+
+    The context's task run object is not always the one Prefect renames (it can be replaced when the
+    run is created on the server), so its `name` may still be the task's; the name given is not.
+    """
+    if context is None:
+        return None
+    given = getattr(context.task, "task_run_name", None)
+    if isinstance(given, str) and "{" not in given:
+        return given
+    return getattr(context.task_run, "name", None)
 
 
 class _Stderr(logging.StreamHandler):
@@ -521,10 +737,10 @@ class StageLogHandler(logging.Handler):
     """On the `fsa_distill` logger (which then stops propagating): where its records go.
 
     Inside a Prefect task run, a record is re-emitted through the task run's logger: Prefect's
-    console format names the task run and its API handler stores the line on that run. Outside
-    one, the record goes to the root logger's handlers as plain propagation would (pytest's
-    caplog, Hydra's or Prefect's console), or to stderr when the root logger has none. Each record
-    is printed once either way.
+    console format names the task run and its API handler stores the line on that run; in a flow
+    run outside any task, through the flow run's logger. Outside both, the record goes to the root
+    logger's handlers as plain propagation would (pytest's caplog, Hydra's or Prefect's console),
+    or to stderr when the root logger has none. Each record is printed once either way.
     """
 
     def __init__(self) -> None:
@@ -538,7 +754,7 @@ class StageLogHandler(logging.Handler):
             return
         self._local.busy = True
         try:
-            run_logger = _task_run_logger()
+            run_logger = _run_logger()
             if run_logger is not None:
                 extra: dict[str, Any] = {"fsa_logger": record.name}
                 if hasattr(record, "progress"):
@@ -582,7 +798,7 @@ def install_stage_logging() -> None:
     """Route `fsa_distill.*` records through `StageLogHandler` and let INFO through (idempotent).
 
     The `fsa_distill` logger gets the handler and stops propagating (the handler does the
-    propagating itself, so a record re-emitted in a task run is not printed a second time). Its
+    propagating itself, so a record re-emitted in a run is not printed a second time). Its
     level is set to INFO when it has none, since the root logger's default (WARNING) would hide
     progress lines; a level someone set explicitly is kept.
     """

@@ -90,10 +90,12 @@ def finetune(
     ft = finetune
     task = read_meta(data.path)["task"]
     model, tokenizer = load_seq2seq(student.path)
-    model.generation_config.max_new_tokens = generation["max_new_tokens"]
+    # Dev decoding is passed to the Trainer as `generation_max_length` (decoder start + new tokens):
+    # with `max_new_tokens` on the model's generation config, Seq2SeqTrainer restores the default
+    # `max_length` after the first batch and every later batch warned that both were set.
+    model.generation_config.max_new_tokens = None
     model.generation_config.num_beams = generation["num_beams"]
     model.generation_config.do_sample = False
-    model.generation_config.max_length = None
 
     train_rows = pq.read_table(Path(data.path) / "train.parquet").to_pylist()
     keep = train_subset(len(train_rows), ft.get("train_fraction", 1.0), ft.get("subset_seed", 0))
@@ -102,13 +104,16 @@ def finetune(
     # Longest first: generation over similar lengths wastes less compute on padding.
     dev_rows.sort(key=lambda r: -len(r["sentence"]))
     with TRAIN_LOCK:
-        _train(out, scratch, model, tokenizer, ft, seed, task, train_rows, dev_rows)
+        _train(out, scratch, model, tokenizer, ft, seed, task, train_rows, dev_rows, generation)
 
 
 def _train(out: Path, scratch: Path, model: Any, tokenizer: Any, ft: dict[str, Any], seed: int, task: str,
-           train_rows: list[dict[str, Any]], dev_rows: list[dict[str, Any]]) -> None:  # fmt: skip
+           train_rows: list[dict[str, Any]], dev_rows: list[dict[str, Any]],
+           generation: dict[str, Any]) -> None:  # fmt: skip
     use_cuda = torch.cuda.is_available()
     args = Seq2SeqTrainingArguments(
+        generation_max_length=generation["max_new_tokens"] + 1,
+        generation_num_beams=generation["num_beams"],
         output_dir=str(scratch),
         seed=seed,
         data_seed=seed,

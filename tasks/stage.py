@@ -11,7 +11,15 @@ it never calls Prefect or MLflow. Its cache key is the hash of
 
 The output lives at `<store>/<stage>/<key>`, sealed with a manifest of per-file hashes. Before a
 stage is submitted, `Stage.submit` checks that manifest; a deleted or edited output makes Prefect
-refresh its cache entry instead of returning a result that points at missing or changed files.
+forget its cache record instead of returning a result that points at missing or changed files.
+
+Runs that share a store never compute one output twice, whether they are threads, processes or
+machines: a task takes the output's lock before it looks for a cache record (Prefect's
+SERIALIZABLE isolation, with the lease locks of `fsa_distill.locks` in `<store>/.locks`), so the
+second of two runs waits and then finds the first one's record (a `Cached` state). Without
+Prefect, `Stage.run` takes a lock of its own for the same reason. Publication is first-writer-wins:
+a complete output already in place is never replaced by a second writer, and a reader never sees
+a half-written one.
 
 While a stage runs as a task, `fsa_distill.*` log lines go through the task run's logger (its
 name on the console, the lines in the UI: `fsa_distill.progress.install_stage_logging`), and what
@@ -22,8 +30,12 @@ Prefect progress artifact, and live metrics for the MLflow run given as `observe
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
+import os
 import shutil
+import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -31,9 +43,10 @@ from typing import TYPE_CHECKING, Any
 
 from fsa_distill.tasks.observe import StageObserver
 
-from fsa_distill.artifacts import Artifact, atomic_dir, bind, canonical_json, seal, verify
+from fsa_distill.artifacts import Artifact, bind, canonical_json, seal, verify
 from fsa_distill.codehash import closure, code_version
 from fsa_distill.errors import is_transient
+from fsa_distill.locks import lock_manager
 from fsa_distill.progress import install_stage_logging, observing
 
 if TYPE_CHECKING:  # Prefect is imported only where tasks are built, so `Stage.run` works without it
@@ -42,6 +55,47 @@ if TYPE_CHECKING:  # Prefect is imported only where tasks are built, so `Stage.r
     from prefect.task_runners import TaskRunner
 
 StageFn = Callable[..., None]
+#: `<store>/.locks`: the lock files of the outputs being computed (`fsa_distill.locks`).
+LOCKS = ".locks"
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move the finished folder `tmp` to `out`: first writer wins, readers never see half an output.
+
+    A complete output (its manifest verifies) already at `out` is kept and `tmp` is dropped: another
+    run published the same key first, and replacing it would pull files from under its readers.
+    An incomplete or edited one is moved aside first (one rename), then removed.
+    """
+    while True:
+        try:
+            os.rename(tmp, out)  # an absent (or empty) `out` only
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        if verify(out) is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        aside = out.with_name(f".{out.name}.{uuid.uuid4().hex}.old")
+        try:
+            os.rename(out, aside)
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def forget_record(task: Task, key: str) -> bool:
+    """Delete Prefect's cache record `key` of `task`, so that the task runs (under its lock) instead of
+    returning a result whose files are gone. False when the records are not in a local folder."""
+    from prefect.results import get_result_store
+
+    store = get_result_store().update_for_task(task)
+    storage = store.metadata_storage or store.result_storage
+    basepath = getattr(storage, "basepath", None)
+    if type(storage).__name__ != "LocalFileSystem" or not basepath:
+        return False
+    (Path(str(basepath)).expanduser() / key).unlink(missing_ok=True)
+    return True
 
 
 def _retry_transient(task: Task, task_run: Any, state: Any) -> bool:
@@ -80,6 +134,11 @@ class Stage:
         self.retries = retries
         self.resumable = resumable
         self._params: Callable[..., dict[str, Any]] | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled by reference (its module and name), as functions are: a task sent to a Dask worker
+        carries its cache policy, whose key function is this stage's method."""
+        return (_stage_by_name, (self.module, self.name))
 
     def configure(self, fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
         """Register the function from (config, input artifacts) to this stage's parameters."""
@@ -148,15 +207,34 @@ class Stage:
         if existing is not None:
             return existing
         key = self.key(params)
+        # Another process may be writing this output (its scratch folder too): wait for it, then reuse.
+        locks = lock_manager(Path(store) / LOCKS)
+        lock, holder = f"write-{self.name}-{key}", uuid.uuid4().hex
+        locks.acquire_lock(lock, holder)
+        try:
+            existing = self.cached(store, params)
+            if existing is not None:
+                return existing
+            return self._compute(store, key, params)
+        finally:
+            locks.release_lock(lock, holder)
+
+    def _compute(self, store: str | Path, key: str, params: dict[str, Any]) -> Artifact:
         out = Path(store) / self.name / key
+        out.parent.mkdir(parents=True, exist_ok=True)
         kwargs = dict(params)
         if self.resumable:
             scratch = out.with_name(out.name + ".scratch")
             scratch.mkdir(parents=True, exist_ok=True)
             kwargs["scratch"] = scratch
-        with atomic_dir(out) as tmp:
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        try:
             self.fn(tmp, **kwargs)
             seal(tmp)
+            publish(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if self.resumable:
             shutil.rmtree(out.with_name(out.name + ".scratch"), ignore_errors=True)
         digest = verify(out)
@@ -168,9 +246,11 @@ class Stage:
     def task(self) -> Task:
         """The Prefect task: cache key from `key`, results persisted, retries for transient errors.
 
-        The task's `observe` argument (see `submit`) is outside the cache key, which hashes `params` only.
+        The task's `observe` argument (see `submit`) is outside the cache key, which hashes `params`
+        only. The cache policy is completed per store by `submit` (its lock folder).
         """
         from prefect import task
+        from prefect.cache_policies import CacheKeyFnPolicy
 
         def run_stage(store: str, params: dict[str, Any], observe: dict[str, Any] | None = None) -> Artifact:
             # `fsa_distill.*` log lines carry the task-run name; progress and metrics reach the observer.
@@ -186,12 +266,15 @@ class Stage:
         return task(
             run_stage,
             name=self.name,
-            cache_key_fn=lambda _ctx, parameters: f"{self.name}-{self.key(parameters['params'])}",
+            cache_policy=CacheKeyFnPolicy(cache_key_fn=self._cache_key),
             persist_result=True,
             retries=self.retries,
             retry_delay_seconds=[2, 10, 30][: max(self.retries, 1)],
             retry_condition_fn=_retry_transient,
         )
+
+    def _cache_key(self, _context: Any, parameters: dict[str, Any]) -> str:
+        return f"{self.name}-{self.key(parameters['params'])}"
 
     def submit(
         self,
@@ -203,8 +286,10 @@ class Stage:
     ) -> PrefectFuture:
         """Submit to `runner` (an entered task runner) from inside a flow run.
 
-        Prefect's cache entry is refreshed when the output files are gone or changed, so a
-        cached result never points at missing or edited files.
+        Prefect's cache record is forgotten when the output files are gone or changed, so a
+        cached result never points at missing or edited files. The task takes the output's lock
+        in `<store>/.locks` before it looks for a record (SERIALIZABLE), so a run that submits an
+        output another run is computing waits for it and ends `Cached`.
 
         `observe` says who watches the run, never what it computes, so it is not in the cache key
         (a cached result is reused whatever it says): `{"mlflow_uri": str, "mlflow_run_id": str}`
@@ -213,9 +298,13 @@ class Stage:
         strings) for runners that send tasks to other processes. In every task run, progress lines
         also drive a Prefect progress artifact (tasks/observe.py).
         """
-        stale = self.cached(store, params) is None
         run_name = f"{self.name}[{label}]" if label else self.name
-        task = self.task.with_options(refresh_cache=stale, task_run_name=run_name)
+        policy = self.task.cache_policy.configure(  # type: ignore[union-attr]
+            lock_manager=lock_manager(Path(store) / LOCKS), isolation_level="SERIALIZABLE"
+        )
+        task = self.task.with_options(cache_policy=policy, task_run_name=run_name)
+        if self.cached(store, params) is None and not forget_record(task, self._cache_key(None, {"params": params})):
+            task = task.with_options(refresh_cache=True)
         return runner.submit(task, {"store": str(store), "params": params, "observe": observe})
 
     def submit_for(
@@ -229,6 +318,16 @@ class Stage:
     ) -> PrefectFuture:
         """`submit` with the params this stage derives from `cfg` and its inputs: what flows call."""
         return self.submit(runner, store, self.params(cfg, **inputs), label=label, observe=observe)
+
+
+def _stage_by_name(module: str, name: str) -> Stage:
+    """The stage called `name` that module `module` defines (how a pickled `Stage` comes back)."""
+    import importlib
+
+    for value in vars(importlib.import_module(module)).values():
+        if isinstance(value, Stage) and value.name == name:
+            return value
+    raise LookupError(f"module {module} defines no stage named {name!r}")
 
 
 def stage(

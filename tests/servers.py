@@ -35,10 +35,10 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen, log: Path) -> 
 
 
 @contextlib.contextmanager
-def background(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
-    """Run `cmd` in the background with output to `log`; terminate (then kill) it on exit."""
+def background(cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> Iterator[subprocess.Popen]:
+    """Run `cmd` (in `cwd`) in the background with output to `log`; terminate (then kill) it on exit."""
     with open(log, "wb") as handle:
-        proc = subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             yield proc
         finally:

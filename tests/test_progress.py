@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -456,3 +457,155 @@ def test_the_observer_is_in_no_stages_code_version():
     ):
         found = codehash.closure([f"fsa_distill.tasks.{module}"])
         assert "fsa_distill.tasks.observe" not in found and "fsa_distill.tasks.stage" not in found, module
+
+
+# ------------------------------------------------------------------------------------------------
+# The live board on a terminal
+
+
+class _Terminal:
+    """A text stream that says it is a terminal."""
+
+    def __init__(self, tty: bool = True) -> None:
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_live_rows_on_a_terminal_plain_lines_elsewhere(monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv(progress.MODE_ENV, raising=False)
+    monkeypatch.setattr("sys.stderr", _Terminal(True))
+    assert progress.live_wanted()
+    monkeypatch.setenv("CI", "true")  # a CI log is not watched live, even through a pseudo-terminal
+    assert not progress.live_wanted()
+    monkeypatch.delenv("CI")
+    monkeypatch.setenv(progress.MODE_ENV, "plain")
+    assert not progress.live_wanted() and Progress("x", 1)._board is None
+    monkeypatch.setattr("sys.stderr", _Terminal(False))
+    monkeypatch.setenv(progress.MODE_ENV, "auto")
+    assert not progress.live_wanted()
+    monkeypatch.setenv(progress.MODE_ENV, "live")
+    assert progress.live_wanted()
+
+
+def _screen() -> tuple[Any, Any]:
+    """A rich console that behaves as a terminal, and a function returning what it was sent.
+
+    Without markup, as Prefect's console handler makes its own (`PREFECT_LOGGING_MARKUP`)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    buffer = StringIO()
+    return Console(file=buffer, force_terminal=True, color_system=None, width=160, markup=False), buffer.getvalue
+
+
+def _slow_chatty(out: Path, *, tag: str, steps: int) -> None:
+    logging.getLogger("fsa_distill.test_progress").info("hello from %s", tag)
+    with Progress("work", steps, "items", interval_s=0) as bar:
+        for step in range(steps):
+            time.sleep(0.4)  # rich redraws four times a second: let it draw the row
+            bar.update()
+            if step == 0:
+                logging.getLogger("fsa_distill.test_progress").info("while the row is shown")
+    (out / "value.json").write_text(json.dumps(tag))
+
+
+slow_chatty_stage = Stage("t-slow-chatty", _slow_chatty)
+
+
+@flow
+def _board_flow(store: str, tag: str) -> str:
+    with ThreadPoolTaskRunner(max_workers=1) as runner:
+        future = slow_chatty_stage.submit(runner, store, {"tag": tag, "steps": 3}, label="demo")
+        future.wait()
+        return str(future.task_run_id)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_board_redraws_one_row_per_stage_with_prefects_lines_above_it(tmp_path, monkeypatch):
+    """A stage run in a real flow on a terminal: its row (named after the task run) is redrawn in
+    place, Prefect's console handler prints through the board, the periodic lines leave the console
+    (the API still stores them) and the final line stays; the handler gets its console back."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+    from prefect.logging.handlers import APILogWorker, PrefectConsoleHandler
+
+    handlers = [h for h in progress._all_handlers() if isinstance(h, PrefectConsoleHandler)]
+    assert handlers, "Prefect's console handler is configured"
+    prefect_screen, prefect_text = _screen()
+    for handler in handlers:
+        monkeypatch.setattr(handler, "console", prefect_screen)
+    board_screen, board_text = _screen()
+    tag = f"run-{uuid.uuid4().hex[:8]}"
+
+    with progress.showing(progress.Board(board_screen)) as board:
+        task_run_id = _board_flow(str(tmp_path), tag)
+    assert not board.live
+
+    screen, log = board_text(), prefect_text()
+    assert "t-slow-chatty[demo] work" in screen  # the row, labelled with the task run
+    assert screen.count("\r\x1b[2K") >= 3  # the row is erased and redrawn in place, not appended
+    assert f"Task run 't-slow-chatty[demo]' - hello from {tag}" in log  # before the board started
+    assert "Task run 't-slow-chatty[demo]' - while the row is shown" in screen  # above the row
+    assert "while the row is shown" not in log  # not also through the handler's own console
+    assert "work: 3/3 items (100%)" in log  # the final line stays in the log, after the row went
+    assert "work: 1/3" not in screen + log  # the periodic lines are the row's, not the log's
+    assert all(h.console is prefect_screen for h in handlers) and all(not h.filters for h in handlers)
+
+    APILogWorker.drain_all(timeout=30)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[uuid.UUID(task_run_id)])))
+    assert [m.message.split(",")[0] for m in logs if m.message.startswith("work: ")] == [
+        "work: 1/3 items (33%)",
+        "work: 2/3 items (66%)",
+        "work: 3/3 items (100%)",
+    ]
+
+
+def test_two_rows_at_once_and_the_board_stops_with_the_last():
+    screen, text = _screen()
+    board = progress.Board(screen)
+    with progress.showing(board):
+        first = Progress("generate", 4, "pairs", interval_s=60)
+        second = Progress("clean", None, "rows", interval_s=60)
+        assert board.live
+        first.update(2)
+        second.update(7)
+        time.sleep(0.6)
+        first.close()
+        assert board.live  # the other row still runs
+        second.close()
+    assert not board.live
+    drawn = text()
+    assert "generate" in drawn and "2/4 pairs (50%)" in drawn and "7 rows" in drawn
+
+
+@flow(name="t-flow-logs")
+def _logging_flow() -> str:
+    from prefect.context import FlowRunContext
+
+    logging.getLogger("fsa_distill.flows.test_progress").warning("a warning from the wiring")
+    logging.getLogger("fsa_distill.flow").info("an info line from the flow")
+    return str(FlowRunContext.get().flow_run.id)  # type: ignore[union-attr]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_projects_loggers_in_the_flow_itself_reach_the_flow_run(console):
+    """Lines logged by the wiring (outside any task run) are the flow run's: named on the console,
+    stored on the flow run in the UI, printed once."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    install_stage_logging()
+    flow_run_id = _logging_flow()
+    ours = [line for line in console() if "from the wiring" in line or "from the flow" in line]
+    assert len(ours) == 2 and all(" | Flow run '" in line for line in ours), ours
+    APILogWorker.drain_all(timeout=30)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[uuid.UUID(flow_run_id)])))
+    messages = {m.message for m in logs}
+    assert {"a warning from the wiring", "an info line from the flow"} <= messages, messages

@@ -134,10 +134,14 @@ def test_mlflow_and_prefect_pages_show_the_run(tmp_path):
         shots = Path(result["report"]) / "screenshots"
         shots.mkdir(exist_ok=True)
         mlflow_dom = _browse(result["mlflow_url"], shots / "mlflow-run.png")  # the link the run printed
+        # the experiment opens on its runs table (a model-training experiment), not on an empty
+        # GenAI overview of traces: the parent and its children are listed by name
+        experiment_dom = _browse(f"{ui}/#/experiments/{experiment_id}", shots / "mlflow-experiment.png")
         prefect_dom = _browse(
             f"http://127.0.0.1:{prefect_port}/runs/flow-run/{flow_run_id}", shots / "prefect-flow-run.png"
         )
         assert parent["info"]["run_name"] in mlflow_dom
+        assert parent["info"]["run_name"] in experiment_dom, "the experiment page does not list the runs"
         assert flow_run["name"] in prefect_dom
         for png in shots.iterdir():
             assert _not_blank(png), png

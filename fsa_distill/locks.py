@@ -1,0 +1,213 @@
+"""Locks that processes on one or many machines share through a folder: who computes a stage.
+
+Two flow runs that need the same stage output (a parallel sweep, two deployment runs, two
+`fsa-distill run` started together) must compute it once: the first takes the stage's lock, the
+other waits and then reads the first one's cache record. Prefect does the waiting and reading
+(SERIALIZABLE cache isolation); this module is its lock manager (`prefect.locking.protocol.LockManager`).
+
+Prefect's own `FileSystemLockManager` is the model, with two changes that matter here:
+
+* a lock file appears complete or not at all (written beside it, then hard-linked into place,
+  which fails when the name exists), so a reader never parses half a file;
+* a lock is a lease: the holder touches the file every `lease_s / 4` seconds, and a lock whose
+  file was not touched for `lease_s` belongs to a process that died (killed, machine lost). The
+  next process takes it over instead of waiting forever, as a lock without expiry would have it.
+
+A live holder that stalls for longer than the lease (suspended, swapped out) can lose its lock to
+a waiter; the stage then runs twice, and the store's first-writer-wins publication keeps one
+output (`fsa_distill.tasks.stage`). The folder must support hard links and atomic rename: local
+disks and NFSv3+ do. Object storage does not: use Prefect's Redis lock manager there (README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+#: Seconds without a heartbeat after which a lock counts as abandoned.
+DEFAULT_LEASE_S = 60.0
+#: Seconds between two looks at a lock someone else holds.
+POLL_S = 0.2
+
+
+class LeaseLockManager:
+    """A Prefect lock manager over `<directory>/<key>.lock` files, with renewed leases (see module doc)."""
+
+    def __init__(self, directory: str | Path, lease_s: float = DEFAULT_LEASE_S, poll_s: float = POLL_S) -> None:
+        self.directory = Path(directory).expanduser().resolve()
+        self.lease_s = float(lease_s)
+        self.poll_s = float(poll_s)
+        self._held: dict[str, str] = {}  # key -> holder, for the locks this process holds
+        self._guard = threading.Lock()
+        self._heartbeat: threading.Thread | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (a task sent to a Dask worker) as its folder: each process has its own heartbeat."""
+        return (_restore, (str(self.directory), self.lease_s, self.poll_s))
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def path(self, key: str) -> Path:
+        """The lock file of `key` (a cache key may hold characters a file name must not)."""
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)[:100]
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        return self.directory / f"{safe}-{digest}.lock"
+
+    def _read(self, key: str) -> dict[str, Any] | None:
+        """The lock's holder and age, or None when there is no lock file (or it just went away)."""
+        path = self.path(key)
+        try:
+            info = json.loads(path.read_bytes())
+            info["age_s"] = time.time() - path.stat().st_mtime
+        except (FileNotFoundError, ValueError):
+            return None
+        return info
+
+    def _create(self, key: str, holder: str) -> bool:
+        """Create the lock file with its content in one step; False when it exists already."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / f".{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps({"holder": holder, "host": socket.gethostname(), "pid": os.getpid()}))
+        try:
+            os.link(tmp, self.path(key))
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _break(self, key: str) -> None:
+        """Move an abandoned lock out of the way (a rename succeeds for one process only).
+
+        Two waiters can both see the same abandoned lock; if the other one already replaced it with
+        its own fresh lock, the rename moved a live lock: it is put back (a rename keeps the mtime).
+        """
+        path = self.path(key)
+        aside = path.with_name(f".{path.name}.{uuid.uuid4().hex}.expired")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            if time.time() - aside.stat().st_mtime <= self.lease_s:
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, path)
+        finally:
+            aside.unlink(missing_ok=True)
+
+    # -- heartbeat ------------------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        while True:
+            time.sleep(self.lease_s / 4)
+            with self._guard:
+                held = dict(self._held)
+                if not held:
+                    self._heartbeat = None
+                    return
+            for key, holder in held.items():
+                info = self._read(key)
+                if info is not None and info.get("holder") == holder:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.utime(self.path(key))
+
+    def _hold(self, key: str, holder: str) -> None:
+        with self._guard:
+            self._held[key] = holder
+            if self._heartbeat is None:
+                self._heartbeat = threading.Thread(target=self._beat, name="fsa-lock-heartbeat", daemon=True)
+                self._heartbeat.start()
+
+    # -- the LockManager protocol ---------------------------------------------------------------
+
+    def acquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
+        """Take the lock for `holder`, waiting up to `acquire_timeout` seconds (None: as long as it takes).
+
+        Re-entrant for the same holder. `hold_timeout` is not used: the lease, renewed while this
+        process lives, bounds how long a dead holder can block others.
+        """
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        while True:
+            if self._create(key, holder):
+                self._hold(key, holder)
+                return True
+            info = self._read(key)
+            if info is not None:
+                if info.get("holder") == holder:
+                    self._hold(key, holder)
+                    return True
+                if info["age_s"] > self.lease_s:
+                    self._break(key)
+                    continue
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(self.poll_s)
+
+    async def aacquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
+        """`acquire_lock` in a worker thread."""
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(self.acquire_lock, key, holder, acquire_timeout, hold_timeout)
+
+    def release_lock(self, key: str, holder: str) -> None:
+        """Release `holder`'s lock; ValueError when `holder` does not hold it (as Prefect's managers do)."""
+        info = self._read(key)
+        with self._guard:
+            self._held.pop(key, None)
+        if info is None or info.get("holder") != holder:
+            raise ValueError(f"No lock held by {holder} for transaction with key {key}")
+        self.path(key).unlink(missing_ok=True)
+
+    def is_locked(self, key: str) -> bool:
+        """Whether a live holder has the lock."""
+        info = self._read(key)
+        return info is not None and info["age_s"] <= self.lease_s
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        """Whether `holder` has the lock."""
+        info = self._read(key)
+        return info is not None and info.get("holder") == holder and info["age_s"] <= self.lease_s
+
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        """Wait until nobody holds the lock; False after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_locked(key):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(self.poll_s)
+        return True
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        """`wait_for_lock` in a worker thread."""
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
+
+
+_MANAGERS: dict[Path, LeaseLockManager] = {}
+_MANAGERS_GUARD = threading.Lock()
+
+
+def lock_manager(directory: str | Path, lease_s: float = DEFAULT_LEASE_S, poll_s: float = POLL_S) -> LeaseLockManager:
+    """The process's lock manager for `directory` (one per folder, so one heartbeat per folder)."""
+    path = Path(directory).expanduser().resolve()
+    with _MANAGERS_GUARD:
+        if path not in _MANAGERS:
+            _MANAGERS[path] = LeaseLockManager(path, lease_s, poll_s)
+        return _MANAGERS[path]
+
+
+def _restore(directory: str, lease_s: float, poll_s: float) -> LeaseLockManager:
+    return lock_manager(directory, lease_s, poll_s)

@@ -1,0 +1,76 @@
+"""A flow on a Dask cluster that was already running (`runner.address`), as on a real cluster.
+
+A real `dask scheduler` and two `dask worker` processes are started on 127.0.0.1, each worker in
+its own working directory with its own HOME, so that what they share is the store the flow names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import shrunk
+from servers import background, free_port
+
+SMALL = ["teacher_eval.enabled=false", "zeroshot.enabled=false", "data.datasets=[acsa/rest16]"]
+
+
+def _run(config: list[str], env: dict[str, str]) -> dict:
+    run = subprocess.run(
+        [sys.executable, "-m", "fsa_distill.cli", "run", *config], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _f1(result: dict) -> str:
+    """The report's table of F1 per model, dataset and test type (mean and std over the seeds)."""
+    return (Path(result["report"]) / "summary.csv").read_text()
+
+
+@pytest.mark.slow
+def test_the_flow_runs_on_a_running_dask_cluster_and_its_workers_share_the_cache(tmp_path):
+    from distributed import Client
+
+    dask = os.path.join(os.path.dirname(sys.executable), "dask")
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["FSA_PROGRESS_INTERVAL_S"] = "60"
+    scheduler = [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]
+    workers = []
+    for name in ("w1", "w2"):
+        (tmp_path / name / "home").mkdir(parents=True)
+        own = dict(env, HOME=str(tmp_path / name / "home"))
+        workers.append(([dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", name,
+                         "--local-directory", str(tmp_path / name / "dask")], own, tmp_path / name))  # fmt: skip
+
+    workdir = tmp_path / "work"
+    config = shrunk(workdir, *SMALL, "finetune.seeds=[42,52]", "runner=dask", f"runner.address={address}")
+    with (
+        background(scheduler, env, tmp_path / "scheduler.log"),
+        background(*workers[0][:2], tmp_path / "w1.log", cwd=workers[0][2]),
+        background(*workers[1][:2], tmp_path / "w2.log", cwd=workers[1][2]),
+    ):
+        client = Client(address, timeout=120)
+        client.wait_for_workers(2, timeout=120)
+        client.get_task_stream()  # starts recording which worker ran what
+        started = time.time()
+        first = _run(config, env)
+        stream = client.get_task_stream(start=started)
+        again = _run(config, env)
+        client.close()
+
+    ran_on = {record["worker"] for record in stream}
+    assert len(ran_on) == 2, f"every stage ran on one worker: {ran_on}"
+    assert all(row["ran"] > 0 for row in first["stages"] if row["stage"] in ("finetune", "evaluate"))
+    # the second run's tasks land on either worker: each finds the other's records and outputs
+    assert all(row["ran"] == 0 and row["cached"] > 0 for row in again["stages"]), again["stages"]
+
+    threads = _run(shrunk(tmp_path / "threads", *SMALL, "finetune.seeds=[42,52]"), env)
+    assert _f1(threads) == _f1(first), "the Dask cluster and the thread runner disagree"
