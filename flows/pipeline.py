@@ -13,6 +13,7 @@ sentiment sets -> teacher_sentiment (set x seed) ──────────�
 import contextvars
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -56,11 +57,26 @@ def make_runner(runner: dict[str, Any]) -> Any:
         from prefect_dask import DaskTaskRunner
 
         if runner.get("address"):
+            _check_reachable_api(runner["address"])
             return DaskTaskRunner(address=runner["address"])
         return DaskTaskRunner(
             cluster_kwargs={"n_workers": runner["workers"], "threads_per_worker": 1, "processes": True}
         )
     return ThreadPoolTaskRunner(max_workers=runner["workers"])
+
+
+def _check_reachable_api(address: str) -> None:
+    """A scheduler on another machine needs a Prefect API its workers can reach: the temporary one a
+    run starts without `PREFECT_API_URL` listens on this machine's loopback only."""
+    from urllib.parse import urlparse
+
+    host = urlparse(address if "://" in address else f"tcp://{address}").hostname or ""
+    local = host in ("localhost", "::1") or host.startswith("127.")
+    if not local and not os.environ.get("PREFECT_API_URL"):
+        raise ValueError(
+            f"runner.address={address}: its workers report to Prefect, so set PREFECT_API_URL to a "
+            "Prefect server they can reach (the temporary local API serves this machine only)"
+        )
 
 
 def _names(group: str) -> tuple[str, ...]:

@@ -56,6 +56,7 @@ from mlflow.utils.mlflow_tags import (
 )
 
 from fsa_distill import ROOT
+from fsa_distill.progress import history_metrics, timestamp_ms
 from fsa_distill.redact import redact_text
 
 if TYPE_CHECKING:
@@ -460,22 +461,12 @@ class Tracker:
         if times is not None and len(times) != len(log_history):  # a curve without times beats a failed run
             log.warning("run %s: %d times for %d history entries, logged at now", run_id, len(times), len(log_history))
             times = None
-        renames = {"loss": "train_loss", "learning_rate": "lr", "eval_loss": "dev_loss"}
         now = _now_ms()
         batch: list[Metric] = []
         for i, entry in enumerate(log_history):
-            stamp = int(times[i] * 1000) if times is not None else now
-            step = int(entry.get("step", 0))
-            if "train_runtime" in entry:  # the closing summary: its train_loss is the run's mean, not a step's
-                batch += _metric_list({"train_loss_mean": entry.get("train_loss")}, stamp, step)
-                continue
-            values = {}
-            for key, value in entry.items():
-                if key in ("step", "epoch") or isinstance(value, bool) or not isinstance(value, int | float):
-                    continue
-                name = renames.get(key, key)
-                values[name.replace("eval_", "dev_", 1) if name.startswith("eval_") else name] = float(value)
-            batch += _metric_list(values, stamp, step)
+            # the names and the millisecond stamps the live callback used, so replayed points match them
+            stamp = timestamp_ms(times[i]) if times is not None else now
+            batch += _metric_list(history_metrics(entry), stamp, int(entry.get("step", 0)))
         self._log_metrics(run_id, batch)
 
     def files(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:

@@ -497,7 +497,7 @@ def showing(chosen: Board) -> Iterator[Board]:
 # ------------------------------------------------------------------------------------------------
 # Training: the Trainer's logs as progress lines and live metrics
 
-#: The Trainer's log keys under the names MLflow shows them (as `flows/tracking.py` renames them).
+#: The Trainer's log keys under the names MLflow shows them (live here, replayed by `flows/tracking.py`).
 RENAMES = {"loss": "train_loss", "learning_rate": "lr", "eval_loss": "dev_loss"}
 
 

@@ -97,6 +97,13 @@ def deltas(summary: pd.DataFrame, baseline: str = "baseline") -> pd.DataFrame:
     return others[["student", "dataset", "test_type", "f1_delta"]].reset_index(drop=True)
 
 
+def delta_markdown(delta: pd.DataFrame) -> str:
+    """The F1 differences as a Markdown table; "–" where a model has no score for that test type
+    (a teacher's seeded sample can hold no `mams` sentence), never "+nan"."""
+    cells = delta.assign(value=[("–" if pd.isna(v) else f"{v:+.2f}") for v in delta.f1_delta])
+    return _wide_markdown(cells)
+
+
 def corpus_markdown(stats: dict[str, Any]) -> str:
     """The distillation corpus: generated, kept, dropped per rule, tokens."""
     lines = ["| corpus | count |", "|---|---|"]
@@ -178,8 +185,7 @@ def report(
         text += "\nScored on seeded samples (per dataset):\n" + "\n".join(notes) + "\n"
     text += "\n## Test F1 (%), mean ± std over seeds\n\n" + markdown_table(summary)
     if len(delta):
-        cells = delta.assign(value=delta.f1_delta.map("{:+.2f}".format))
-        text += "\n## F1 difference to the baseline (points)\n\n" + _wide_markdown(cells)
+        text += "\n## F1 difference to the baseline (points)\n\n" + delta_markdown(delta)
     if corpus is not None:
         stats = json.loads((Path(corpus.path) / "stats.json").read_text())
         (out / "corpus_stats.json").write_text(json.dumps(stats, indent=1))

@@ -20,12 +20,20 @@ from servers import background, free_port
 SMALL = ["teacher_eval.enabled=false", "zeroshot.enabled=false", "data.datasets=[acsa/rest16]"]
 
 
-def _run(config: list[str], env: dict[str, str]) -> dict:
-    run = subprocess.run(
-        [sys.executable, "-m", "fsa_distill.cli", "run", *config], env=env, capture_output=True, text=True, timeout=900
+def _start(config: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fsa_distill.cli", "run", *config],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _result(run: subprocess.Popen) -> dict:
+    out, err = run.communicate(timeout=900)
+    assert run.returncode == 0, err[-4000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _f1(result: dict) -> str:
@@ -61,9 +69,12 @@ def test_the_flow_runs_on_a_running_dask_cluster_and_its_workers_share_the_cache
         client.wait_for_workers(2, timeout=120)
         client.get_task_stream()  # starts recording which worker ran what
         started = time.time()
-        first = _run(config, env)
+        first = _result(_start(config, env))
         stream = client.get_task_stream(start=started)
-        again = _run(config, env)
+        # the rerun on the cluster and the same config on the thread runner, side by side
+        rerun = _start(config, env)
+        threads = _result(_start(shrunk(tmp_path / "threads", *SMALL, "finetune.seeds=[42,52]"), env))
+        again = _result(rerun)
         client.close()
 
     ran_on = {record["worker"] for record in stream}
@@ -72,5 +83,19 @@ def test_the_flow_runs_on_a_running_dask_cluster_and_its_workers_share_the_cache
     # the second run's tasks land on either worker: each finds the other's records and outputs
     assert all(row["ran"] == 0 and row["cached"] > 0 for row in again["stages"]), again["stages"]
 
-    threads = _run(shrunk(tmp_path / "threads", *SMALL, "finetune.seeds=[42,52]"), env)
     assert _f1(threads) == _f1(first), "the Dask cluster and the thread runner disagree"
+
+
+def test_a_scheduler_elsewhere_needs_a_prefect_api_its_workers_reach(monkeypatch):
+    from fsa_distill.flows.pipeline import make_runner
+
+    from fsa_distill.config import compose_config, validate
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with pytest.raises(ValueError, match="PREFECT_API_URL"):
+        make_runner({"kind": "dask", "workers": 2, "address": "tcp://10.1.2.3:8786"})
+    assert make_runner({"kind": "dask", "workers": 2, "address": "tcp://127.0.0.1:8786"})  # connects on entry
+    monkeypatch.setenv("PREFECT_API_URL", "http://10.1.2.4:4200/api")
+    assert make_runner({"kind": "dask", "workers": 2, "address": "tcp://10.1.2.3:8786"})
+    with pytest.raises(ValueError, match="a Dask scheduler address needs runner=dask"):
+        validate(compose_config(["runner.address=tcp://127.0.0.1:8786"]))
