@@ -46,7 +46,7 @@ from pydantic import BaseModel, Field
 
 from fsa_distill import CONF_DIR
 from fsa_distill.artifacts import Artifact
-from fsa_distill.config import compose_config, display_name, merge_overrides, seeds
+from fsa_distill.config import absolute_sources, compose_config, display_name, merge_overrides, seeds
 from fsa_distill.redact import redact_config, redact_text
 
 
@@ -151,7 +151,8 @@ def fsa_distill(
         config: a resolved config (the CLI); leave empty in the UI.
     """
     composed = composed_overrides({"overrides": overrides, "choices": choices, "base_overrides": base_overrides})
-    cfg = config if config is not None else compose_config(composed)
+    # stages may run elsewhere (Dask or Prefect workers): relative source folders mean this directory
+    cfg = absolute_sources(config if config is not None else compose_config(composed))
     if cfg["torch_threads"]:  # here rather than in the CLI, so deployment runs honour it too
         import torch
 

@@ -6,7 +6,9 @@ fails composition with Hydra's "Key 'x' not in 'FinetuneConfig'" message.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
@@ -465,3 +467,34 @@ def display_name(run_name: str, overrides: list[str], limit: int = 120) -> str:
     ]
     name = " ".join([run_name, *shown])
     return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+#: Local folders stages read that a user may give relative to where the run started (all unkeyed:
+#: the stages key what they read by content). `*` stands for every entry of a mapping.
+SOURCE_PATHS = ("data.source", "reviews.root", "sentiment.source", "sentiment.datasets.*.source")
+
+
+def absolute_sources(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `cfg` whose relative local source folders (`SOURCE_PATHS`) are absolute.
+
+    Stages may run in another working directory than the flow (a Dask worker, a Prefect worker):
+    `../shared/data/...` must mean what it meant where the run was started. URLs are left alone.
+    """
+    out = copy.deepcopy(cfg)
+
+    def visit(node: Any, parts: list[str]) -> None:
+        if not isinstance(node, dict) or not parts:
+            return
+        head, rest = parts[0], parts[1:]
+        keys = list(node) if head == "*" else [head]
+        for key in keys:
+            if rest:
+                visit(node.get(key), rest)
+                continue
+            value = node.get(key)
+            if isinstance(value, str) and value and "://" not in value and not Path(value).expanduser().is_absolute():
+                node[key] = str(Path(value).expanduser().resolve())
+
+    for dotted in SOURCE_PATHS:
+        visit(out, dotted.split("."))
+    return out

@@ -111,3 +111,20 @@ def test_deployment_form_offers_the_common_choices_and_composes_them_in_order():
     cfg = compose_config(composed)
     assert cfg["data"]["limit"] == 20 and cfg["teacher"]["backend"] == "released"
     assert cfg["finetune"]["seeds"] == [42, 52]
+
+
+def test_relative_source_folders_become_absolute_for_stages_run_elsewhere(tmp_path, monkeypatch):
+    """A Dask or Prefect worker runs in its own directory: `../shared/data` must still mean the
+    folder it meant where the run started (the Dask cluster test runs the README's relative path)."""
+    from fsa_distill.config import absolute_sources
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config(["data.source=../data/fsa", "reviews.root=reviews", "sentiment.source=/abs/sentiment"])
+    cfg["data"]["custom"] = {"mine": {"source": "https://example.org/fsa"}}
+    out = absolute_sources(cfg)
+    assert out["data"]["source"] == str((tmp_path / "../data/fsa").resolve())
+    assert out["reviews"]["root"] == str(tmp_path / "reviews")
+    assert out["sentiment"]["source"] == "/abs/sentiment"
+    assert out["sentiment"]["datasets"]["sst2"]["source"] == "/abs/sentiment/sst2"
+    assert out["data"]["custom"]["mine"]["source"] == "https://example.org/fsa"  # a URL stays a URL
+    assert cfg["data"]["source"] == "../data/fsa"  # the caller's config is not changed

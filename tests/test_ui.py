@@ -134,9 +134,10 @@ def test_mlflow_and_prefect_pages_show_the_run(tmp_path):
         shots = Path(result["report"]) / "screenshots"
         shots.mkdir(exist_ok=True)
         mlflow_dom = _browse(result["mlflow_url"], shots / "mlflow-run.png")  # the link the run printed
-        # the experiment opens on its runs table (a model-training experiment), not on an empty
-        # GenAI overview of traces: the parent and its children are listed by name
-        experiment_dom = _browse(f"{ui}/#/experiments/{experiment_id}", shots / "mlflow-experiment.png")
+        # the experiment's link (the run's link up to the experiment, as `Tracker.ui_url` makes it)
+        # opens on its runs table, not on an empty GenAI overview of traces: the parent is listed
+        experiment_url = result["mlflow_url"].split("/runs/")[0] + "/runs?workflowType=machine_learning"
+        experiment_dom = _browse(experiment_url, shots / "mlflow-experiment.png")
         prefect_dom = _browse(
             f"http://127.0.0.1:{prefect_port}/runs/flow-run/{flow_run_id}", shots / "prefect-flow-run.png"
         )
