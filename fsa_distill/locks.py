@@ -10,8 +10,9 @@ Prefect's own `FileSystemLockManager` is the model, with two changes that matter
 * a lock file appears complete or not at all (written beside it, then hard-linked into place,
   which fails when the name exists), so a reader never parses half a file;
 * a lock is a lease: the holder touches the file every `lease_s / 4` seconds, and a lock whose
-  file was not touched for `lease_s` belongs to a process that died (killed, machine lost). The
-  next process takes it over instead of waiting forever, as a lock without expiry would have it.
+  file a waiter has seen untouched for `lease_s` (by its own clock: machines' clocks may differ)
+  belongs to a process that died (killed, machine lost). The waiter takes it over instead of
+  waiting forever, as a lock without expiry would have it.
 
 A live holder that stalls for longer than the lease (suspended, swapped out) can lose its lock to
 a waiter; the stage then runs twice, and the store's first-writer-wins publication keeps one
@@ -48,6 +49,10 @@ class LeaseLockManager:
         self._held: dict[str, str] = {}  # key -> holder, for the locks this process holds
         self._guard = threading.Lock()
         self._heartbeat: threading.Thread | None = None
+        # key -> (lock file mtime, local monotonic time it was first seen): a lease is judged by how
+        # long *this* process has seen the file unchanged, never by comparing another machine's
+        # clock (the file server's mtime) with ours
+        self._seen: dict[str, tuple[float, float]] = {}
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled (a task sent to a Dask worker) as its folder: each process has its own heartbeat."""
@@ -62,13 +67,21 @@ class LeaseLockManager:
         return self.directory / f"{safe}-{digest}.lock"
 
     def _read(self, key: str) -> dict[str, Any] | None:
-        """The lock's holder and age, or None when there is no lock file (or it just went away)."""
+        """The lock's holder and how long this process has seen it without a heartbeat (`age_s`),
+        or None when there is no lock file (or it just went away)."""
         path = self.path(key)
         try:
             info = json.loads(path.read_bytes())
-            info["age_s"] = time.time() - path.stat().st_mtime
+            mtime = path.stat().st_mtime
         except (FileNotFoundError, ValueError):
             return None
+        now = time.monotonic()
+        with self._guard:
+            seen_mtime, since = self._seen.get(key, (None, now))
+            if seen_mtime != mtime:
+                since = now
+            self._seen[key] = (mtime, since)
+        info["age_s"] = now - since
         return info
 
     def _create(self, key: str, holder: str) -> bool:
@@ -97,7 +110,7 @@ class LeaseLockManager:
         except FileNotFoundError:
             return
         try:
-            if time.time() - aside.stat().st_mtime <= self.lease_s:
+            if time.time() - aside.stat().st_mtime <= self.lease_s / 2:  # touched just now: live
                 with contextlib.suppress(FileExistsError):
                     os.link(aside, path)
         finally:
@@ -138,7 +151,8 @@ class LeaseLockManager:
         """
         deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
         while True:
-            if self._create(key, holder):
+            # look before creating: a waiter would otherwise write and delete a file every poll
+            if not self.path(key).exists() and self._create(key, holder):
                 self._hold(key, holder)
                 return True
             info = self._read(key)
@@ -165,7 +179,8 @@ class LeaseLockManager:
         """Release `holder`'s lock; ValueError when `holder` does not hold it (as Prefect's managers do)."""
         info = self._read(key)
         with self._guard:
-            self._held.pop(key, None)
+            if self._held.get(key) == holder:  # another holder in this process keeps its heartbeat
+                del self._held[key]
         if info is None or info.get("holder") != holder:
             raise ValueError(f"No lock held by {holder} for transaction with key {key}")
         self.path(key).unlink(missing_ok=True)

@@ -89,6 +89,8 @@ class Observer(Protocol):
 
 
 _OBSERVER: ContextVar[Observer | None] = ContextVar("fsa_distill_observer", default=None)
+#: The `Progress`es opened while a stage runs (`observing`): those still open when it ends are closed.
+_OPEN: ContextVar[list[Any] | None] = ContextVar("fsa_distill_open_progress", default=None)
 
 
 @contextmanager
@@ -98,10 +100,16 @@ def observing(observer: Observer | None) -> Iterator[Observer | None]:
     A context variable, not a global: stages running at once in threads each see their own.
     Threads a stage starts itself do not inherit it (their metrics are dropped, their lines still print).
     """
-    token = _OBSERVER.set(observer)
+    token, opened = _OBSERVER.set(observer), _OPEN.set([])
     try:
         yield observer
     finally:
+        # a stage that failed mid-way (a training that raised) gets its "stopped after" line, and
+        # leaves no row behind on the board
+        for left in _OPEN.get() or []:
+            if not left.closed:
+                left.close()
+        _OPEN.reset(opened)
         _OBSERVER.reset(token)
 
 
@@ -208,6 +216,9 @@ class Progress:
         self._lock = threading.Lock()
         self._board = board()
         self._board_at = -math.inf
+        opened = _OPEN.get()
+        if opened is not None:
+            opened.append(self)
         if self._board is not None:
             self._board.add(self, _row_label(what))
 
@@ -327,8 +338,12 @@ def live_wanted() -> bool:
     """Whether progress shows as live rows: `FSA_PROGRESS` is `live`, or `auto` (default) on a terminal.
 
     `auto` means stderr is a terminal and `CI` is unset, as tqdm and rich decide: CI logs and files
-    get plain lines. An unknown value counts as `auto`.
+    get plain lines. An unknown value counts as `auto`. Never in a worker process (a Dask worker, a
+    multiprocessing child): one process owns the screen, and several live displays on one terminal
+    would draw over each other; workers print plain lines.
     """
+    if _in_worker():
+        return False
     mode = os.environ.get(MODE_ENV, "auto").strip().lower()
     if mode in ("plain", "live"):
         return mode == "live"
@@ -337,6 +352,23 @@ def live_wanted() -> bool:
     except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
         terminal = False
     return terminal and not os.environ.get("CI")
+
+
+def _in_worker() -> bool:
+    """Whether this process works for another one: a multiprocessing child or a Dask worker."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        return True
+    if "distributed" in sys.modules:
+        try:
+            from distributed import get_worker
+
+            get_worker()
+            return True
+        except ValueError:  # not in a worker
+            return False
+    return False
 
 
 def _row_label(what: str) -> str:
@@ -417,7 +449,11 @@ class Board:
                 self._stop()
 
     def _start(self) -> None:
+        import atexit
+
         from rich.console import Console
+
+        atexit.register(self.stop)  # a row left by a crash must not leave the terminal's cursor hidden
 
         for handler in _all_handlers():
             console = getattr(handler, "console", None)
@@ -426,6 +462,15 @@ class Board:
                 handler.console = _PrintAbove(console, self.console)  # type: ignore[attr-defined]
                 handler.addFilter(self._filter)
         self._rows.start()
+
+    def stop(self) -> None:
+        """Drop every row and stop drawing (at exit, or after a stage that failed mid-way)."""
+        with self._lock:
+            for task in list(self._ids.values()):
+                self._rows.remove_task(task)
+            if self._ids:
+                self._ids.clear()
+                self._stop()
 
     def _stop(self) -> None:
         self._rows.stop()

@@ -303,9 +303,23 @@ class Stage:
             lock_manager=lock_manager(Path(store) / LOCKS), isolation_level="SERIALIZABLE"
         )
         task = self.task.with_options(cache_policy=policy, task_run_name=run_name)
-        if self.cached(store, params) is None and not forget_record(task, self._cache_key(None, {"params": params})):
+        if self.cached(store, params) is None and not self._forget(task, store, params):
             task = task.with_options(refresh_cache=True)
         return runner.submit(task, {"store": str(store), "params": params, "observe": observe})
+
+    def _forget(self, task: Task, store: str | Path, params: dict[str, Any]) -> bool:
+        """Forget the cache record of an output found stale, unless another run is computing it
+        right now (it holds the lock, and its commit writes a fresh record): the check and the
+        deletion happen under the same lock the task takes. False when the record is not local."""
+        key = self._cache_key(None, {"params": params})
+        locks = lock_manager(Path(store) / LOCKS)
+        holder = uuid.uuid4().hex
+        if not locks.acquire_lock(key, holder, acquire_timeout=0):
+            return True  # being computed: the task will wait for it and find its record
+        try:
+            return self.cached(store, params) is not None or forget_record(task, key)
+        finally:
+            locks.release_lock(key, holder)
 
     def submit_for(
         self,

@@ -609,3 +609,33 @@ def test_the_projects_loggers_in_the_flow_itself_reach_the_flow_run(console):
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[uuid.UUID(flow_run_id)])))
     messages = {m.message for m in logs}
     assert {"a warning from the wiring", "an info line from the flow"} <= messages, messages
+
+
+def test_a_stage_that_fails_mid_way_gets_its_final_line_and_leaves_no_row(lines):
+    screen, _text = _screen()
+    board = progress.Board(screen)
+    with progress.showing(board), pytest.raises(RuntimeError), observing(None):
+        bar = Progress("finetune", 10, "steps", interval_s=60, logger=lines.logger)
+        bar.update(3)
+        assert board.live
+        raise RuntimeError("the training raised")  # no close(), as a Trainer that raises
+    assert bar.closed and lines.texts[-1].startswith("finetune: 3/10 steps (30%)")
+    assert "stopped after" in lines.texts[-1] and not board.live
+
+
+def _live_in_child(queue: Any) -> None:
+    queue.put(progress.live_wanted())
+
+
+def test_worker_processes_never_draw_a_board_of_their_own(monkeypatch):
+    """A Dask LocalCluster's workers inherit the terminal: only the flow's process draws rows."""
+    import multiprocessing
+
+    monkeypatch.setenv(progress.MODE_ENV, "live")
+    assert progress.live_wanted()
+    spawn = multiprocessing.get_context("spawn")
+    queue = spawn.Queue()
+    child = spawn.Process(target=_live_in_child, args=(queue,))
+    child.start()
+    assert queue.get(timeout=60) is False
+    child.join(timeout=60)
