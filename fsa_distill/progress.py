@@ -417,6 +417,7 @@ class Board:
         self._lock = threading.RLock()
         self._swapped: list[tuple[logging.Handler, Any]] = []
         self._filter = _HideRunningLines()
+        self._at_exit = False
 
     @property
     def live(self) -> bool:
@@ -453,7 +454,9 @@ class Board:
 
         from rich.console import Console
 
-        atexit.register(self.stop)  # a row left by a crash must not leave the terminal's cursor hidden
+        if not self._at_exit:  # once: a row left by a crash must not leave the terminal's cursor hidden
+            atexit.register(self.stop)
+            self._at_exit = True
 
         for handler in _all_handlers():
             console = getattr(handler, "console", None)
