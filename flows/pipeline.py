@@ -48,6 +48,7 @@ from fsa_distill import CONF_DIR
 from fsa_distill.artifacts import Artifact
 from fsa_distill.config import absolute_sources, compose_config, display_name, merge_overrides, seeds
 from fsa_distill.redact import redact_config, redact_text
+from fsa_distill.store import open_store, store_url
 
 
 def make_runner(runner: dict[str, Any]) -> Any:
@@ -63,6 +64,22 @@ def make_runner(runner: dict[str, Any]) -> Any:
             cluster_kwargs={"n_workers": runner["workers"], "threads_per_worker": 1, "processes": True}
         )
     return ThreadPoolTaskRunner(max_workers=runner["workers"])
+
+
+def gpu_limit(runner: dict[str, Any]) -> None:
+    """Set the Prefect concurrency limit of the GPU tag to `runner.gpu_limit` slots (if set).
+
+    The limit lives on the Prefect server, shared by every flow run there: parallel runs on one
+    machine (a sweep's deployment runs) never start more GPU stages than it has GPUs.
+    """
+    if runner.get("gpu_limit") is None:
+        return
+    if int(runner["gpu_limit"]) < 1:
+        raise ValueError("runner.gpu_limit must be at least 1 (Prefect aborts, not delays, runs at a limit of 0)")
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag=runner["gpu_tag"], concurrency_limit=int(runner["gpu_limit"]))
 
 
 def _check_reachable_api(address: str) -> None:
@@ -162,8 +179,12 @@ def fsa_distill(
     name = display_name(cfg["run_name"], composed)
     logger.info("Overrides: %s", " ".join(redact_text(o) for o in composed) or "(none: the default job)")
     workdir = Path(cfg["workdir"]).resolve()
-    store = workdir / "artifacts"
-    tracker = Tracker(cfg["tracking"]["uri"], cfg["tracking"]["experiment"], workdir / "mlartifacts")
+    store = store_url(cfg)
+    # MLflow's artifacts follow the store: a remote store keeps them at `<url>/mlflow` (a server's
+    # own artifact destination wins for tracking=server)
+    mlartifacts = f"{store}/mlflow" if open_store(store).remote else workdir / "mlartifacts"
+    tracker = Tracker(cfg["tracking"]["uri"], cfg["tracking"]["experiment"], mlartifacts)
+    gpu_limit(cfg["runner"])
     parent = tracker.start(name, flatten("", cfg), _parent_tags(cfg, composed))
     ui = redact_text(cfg["tracking"]["ui"])
     parent_url = tracker.ui_url(ui, parent)
@@ -250,7 +271,7 @@ class Wiring:
     while runnable work waits behind it.
     """
 
-    def __init__(self, cfg: dict[str, Any], runner: Any, store: Path, tree: RunTree) -> None:
+    def __init__(self, cfg: dict[str, Any], runner: Any, store: str, tree: RunTree) -> None:
         self.cfg, self.runner, self.store, self.tree = cfg, runner, store, tree
         self.records: list[tuple[str, str, str, float]] = []  # (stage, label, final state, wall seconds)
         workers = max(1, int(cfg["runner"]["workers"]))
@@ -316,14 +337,26 @@ class Wiring:
             run_id = live() if live is not None and stage.cached(self.store, params) is None else None
             start = time.monotonic()
             try:
-                future = stage.submit(self.runner, self.store, params, label=label, observe=self.tree.observe(run_id))
+                future = stage.submit(
+                    self.runner, self.store, params, label=label, observe=self.tree.observe(run_id),
+                    tags=self._tags(stage),
+                )  # fmt: skip
                 artifact = future.result()
             except BaseException:
                 self.tree.fail(run_id)
                 self._record(stage.name, label, "Failed", time.monotonic() - start)
                 raise
             self._record(stage.name, label, future.state.name, time.monotonic() - start)
-        return artifact.at(self.store), run_id
+        return open_store(self.store).local(artifact), run_id
+
+    def _tags(self, stage: Stage) -> list[str]:
+        """The GPU tag for stages that use an accelerator: training, the student's inference, and a
+        teacher that runs here (transformers, vLLM); never an API teacher or a data stage."""
+        local_teacher = self.cfg["teacher"]["backend"] in ("transformers", "vllm")
+        teacher_stages = {generate_shard.name, teacher_fsa.name, teacher_sentiment.name}
+        students = {pretrain.name, finetune.name, evaluate.name, zeroshot.name}
+        uses_gpu = stage.name in students or (local_teacher and stage.name in teacher_stages)
+        return [self.cfg["runner"]["gpu_tag"]] if uses_gpu else []
 
     def _record(self, stage: str, label: str, state: str, wall_s: float) -> None:
         with self._lock:

@@ -380,10 +380,15 @@ def _logged_model_name(name: str) -> str:
 class Tracker:
     """Thin wrapper over MlflowClient with the project's run layout."""
 
-    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None) -> None:
-        """Open (or create) `experiment`; a moved workdir's SQLite store is first pointed at its new root."""
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | str | None = None) -> None:
+        """Open (or create) `experiment`; a moved workdir's SQLite store is first pointed at its new root.
+
+        `artifact_root` is a folder or a URL (`s3://bucket/prefix/mlflow`, for a remote store): where
+        a new experiment keeps its artifacts. An existing experiment keeps its own location.
+        """
         db = sqlite_path(uri)
-        root = artifact_root.resolve() if artifact_root is not None else None
+        remote_root = artifact_root if isinstance(artifact_root, str) and "://" in artifact_root else None
+        root = Path(artifact_root).resolve() if artifact_root is not None and remote_root is None else None
         self._lock = store_lock(uri)
         with self._lock, db_lock(db):
             if db is not None and root is not None and db.is_file():
@@ -394,7 +399,8 @@ class Tracker:
             self.client = cast(MlflowClient, LockedClient(MlflowClient(tracking_uri=uri, registry_uri=uri), self._lock))
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
-                location = root.as_uri() if root is not None and not uri.startswith("http") else None
+                location = remote_root or (root.as_uri() if root is not None else None)
+                location = None if uri.startswith("http") else location
                 try:
                     self.experiment_id = self.client.create_experiment(
                         experiment, artifact_location=location, tags={EXPERIMENT_KIND: CUSTOM_MODEL_DEVELOPMENT}

@@ -24,7 +24,15 @@ from pathlib import Path
 PROJECT = "fsa_distill"
 #: The runner, and the progress reporting every stage calls: not part of any stage's logic (they
 #: write nothing a content hash covers), and an edit to them must not drop every cache.
-EXCLUDED = frozenset({"fsa_distill.tasks.stage", "fsa_distill.codehash", "fsa_distill.progress", "fsa_distill.locks"})
+EXCLUDED = frozenset(
+    {
+        "fsa_distill.tasks.stage",
+        "fsa_distill.codehash",
+        "fsa_distill.progress",
+        "fsa_distill.locks",
+        "fsa_distill.store",
+    }
+)
 
 
 def _origin(module: str) -> Path | None:

@@ -126,6 +126,24 @@ class RunnerConfig:
     kind: str = "thread"
     workers: int = 2
     address: str | None = None
+    # Stages that use an accelerator (training, evaluation, local teachers) carry this Prefect tag;
+    # with `gpu_limit` set, the flow makes the tag's concurrency limit that many slots, so parallel
+    # runs on one machine (a sweep's deployment runs) never start more GPU stages than it has GPUs.
+    gpu_tag: str = "gpu"
+    gpu_limit: int | None = None
+
+
+@dataclass
+class StoreConfig:
+    """Where stage outputs and Prefect's cache records live, shared by every process of a run.
+
+    `url` is a folder (default `<workdir>/artifacts`) or any fsspec URL (`s3://bucket/prefix`).
+    Credentials and endpoints come from each machine's environment (`AWS_*`,
+    `FSSPEC_S3_ENDPOINT_URL`), never from the config; so does the local copy of remote outputs
+    (`FSA_STORE_CACHE`, bounded by `FSA_STORE_CACHE_GB`): see `fsa_distill.store`.
+    """
+
+    url: str | None = None
 
 
 @dataclass
@@ -326,6 +344,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     reviews: ReviewsConfig = field(default_factory=ReviewsConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

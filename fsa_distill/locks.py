@@ -17,7 +17,8 @@ Prefect's own `FileSystemLockManager` is the model, with two changes that matter
 A live holder that stalls for longer than the lease (suspended, swapped out) can lose its lock to
 a waiter; the stage then runs twice, and the store's first-writer-wins publication keeps one
 output (`fsa_distill.tasks.stage`). The folder must support hard links and atomic rename: local
-disks and NFSv3+ do. Object storage does not: use Prefect's Redis lock manager there (README).
+disks and NFSv3+ do. On object storage, `ObjectLeaseLockManager` keeps the same leases with
+exclusive puts (see its caveat); Prefect's Redis lock manager is the alternative (README).
 """
 
 from __future__ import annotations
@@ -66,21 +67,31 @@ class LeaseLockManager:
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         return self.directory / f"{safe}-{digest}.lock"
 
-    def _read(self, key: str) -> dict[str, Any] | None:
-        """The lock's holder and how long this process has seen it without a heartbeat (`age_s`),
-        or None when there is no lock file (or it just went away)."""
+    def _load(self, key: str) -> tuple[dict[str, Any], Any] | None:
+        """The lock's content and a token that changes with every heartbeat (here: the file's
+        mtime), or None when there is no lock."""
         path = self.path(key)
         try:
-            info = json.loads(path.read_bytes())
-            mtime = path.stat().st_mtime
+            return json.loads(path.read_bytes()), path.stat().st_mtime
         except (FileNotFoundError, ValueError):
             return None
+
+    def _exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def _read(self, key: str) -> dict[str, Any] | None:
+        """The lock's holder and how long this process has seen it without a heartbeat (`age_s`),
+        or None when there is no lock (or it just went away)."""
+        loaded = self._load(key)
+        if loaded is None:
+            return None
+        info, token = loaded
         now = time.monotonic()
         with self._guard:
-            seen_mtime, since = self._seen.get(key, (None, now))
-            if seen_mtime != mtime:
+            seen_token, since = self._seen.get(key, (None, now))
+            if seen_token != token:
                 since = now
-            self._seen[key] = (mtime, since)
+            self._seen[key] = (token, since)
         info["age_s"] = now - since
         return info
 
@@ -88,7 +99,7 @@ class LeaseLockManager:
         """Create the lock file with its content in one step; False when it exists already."""
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / f".{uuid.uuid4().hex}.tmp"
-        tmp.write_text(json.dumps({"holder": holder, "host": socket.gethostname(), "pid": os.getpid()}))
+        tmp.write_text(json.dumps(_content(holder)))
         try:
             os.link(tmp, self.path(key))
             return True
@@ -116,6 +127,14 @@ class LeaseLockManager:
         finally:
             aside.unlink(missing_ok=True)
 
+    def _touch(self, key: str, holder: str) -> None:
+        """Renew `holder`'s lease (a heartbeat)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.path(key))
+
+    def _delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
     # -- heartbeat ------------------------------------------------------------------------------
 
     def _beat(self) -> None:
@@ -129,8 +148,7 @@ class LeaseLockManager:
             for key, holder in held.items():
                 info = self._read(key)
                 if info is not None and info.get("holder") == holder:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.utime(self.path(key))
+                    self._touch(key, holder)
 
     def _hold(self, key: str, holder: str) -> None:
         with self._guard:
@@ -152,7 +170,7 @@ class LeaseLockManager:
         deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
         while True:
             # look before creating: a waiter would otherwise write and delete a file every poll
-            if not self.path(key).exists() and self._create(key, holder):
+            if not self._exists(key) and self._create(key, holder):
                 self._hold(key, holder)
                 return True
             info = self._read(key)
@@ -183,7 +201,7 @@ class LeaseLockManager:
                 del self._held[key]
         if info is None or info.get("holder") != holder:
             raise ValueError(f"No lock held by {holder} for transaction with key {key}")
-        self.path(key).unlink(missing_ok=True)
+        self._delete(key)
 
     def is_locked(self, key: str) -> bool:
         """Whether a live holder has the lock."""
@@ -211,17 +229,102 @@ class LeaseLockManager:
         return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
 
 
-_MANAGERS: dict[Path, LeaseLockManager] = {}
+def _content(holder: str, beat: int = 0) -> dict[str, Any]:
+    return {"holder": holder, "host": socket.gethostname(), "pid": os.getpid(), "beat": beat}
+
+
+class ObjectLeaseLockManager(LeaseLockManager):
+    """The same leases on object storage (any fsspec URL, e.g. `s3://bucket/prefix/.locks`).
+
+    A lock is an object created with an exclusive put (S3's `If-None-Match: *`, which s3fs sends
+    for `mode="create"`): of two creators, one gets it. The holder's heartbeat rewrites the object
+    with a higher `beat`, and a waiter that has seen the same beat for `lease_s` deletes it.
+    Object stores have no rename, so breaking a lock is a look then a delete: two waiters that
+    break the same dead lock at the same moment can both go on, and the stage then runs twice;
+    publication keeps the first output (`fsa_distill.store`). Prefect's Redis lock manager
+    (prefect-redis) has no such window, and needs a Redis server.
+    """
+
+    def __init__(self, url: str, lease_s: float = DEFAULT_LEASE_S, poll_s: float = POLL_S) -> None:
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.directory = Path(self.root)  # for messages only: never a local folder
+        self.lease_s = float(lease_s)
+        self.poll_s = float(poll_s)
+        self._held = {}
+        self._guard = threading.Lock()
+        self._heartbeat = None
+        self._seen = {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_restore, (self.url, self.lease_s, self.poll_s))
+
+    def object(self, key: str) -> str:
+        """The lock object of `key`."""
+        return f"{self.root}/{self.path(key).name}"
+
+    def _load(self, key: str) -> tuple[dict[str, Any], Any] | None:
+        try:
+            info = json.loads(self.fs.cat_file(self.object(key)))
+        except (FileNotFoundError, ValueError):
+            return None
+        return info, (info.get("holder"), info.get("beat"))
+
+    def _exists(self, key: str) -> bool:
+        return self._load(key) is not None
+
+    def _create(self, key: str, holder: str) -> bool:
+        try:
+            self.fs.pipe_file(self.object(key), json.dumps(_content(holder)).encode(), mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    def _touch(self, key: str, holder: str) -> None:
+        loaded = self._load(key)
+        if loaded is not None and loaded[0].get("holder") == holder:
+            beat = int(loaded[0].get("beat", 0)) + 1
+            self.fs.pipe_file(self.object(key), json.dumps(_content(holder, beat)).encode())
+
+    def _break(self, key: str) -> None:
+        seen = self._seen.get(key)
+        loaded = self._load(key)
+        if loaded is not None and seen is not None and loaded[1] == seen[0]:  # still the dead one
+            self._delete(key)
+
+    def _delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.object(key))
+
+
+_MANAGERS: dict[str, LeaseLockManager] = {}
 _MANAGERS_GUARD = threading.Lock()
 
 
-def lock_manager(directory: str | Path, lease_s: float = DEFAULT_LEASE_S, poll_s: float = POLL_S) -> LeaseLockManager:
-    """The process's lock manager for `directory` (one per folder, so one heartbeat per folder)."""
-    path = Path(directory).expanduser().resolve()
+def is_url(location: str | os.PathLike[str]) -> bool:
+    """Whether `location` is an fsspec URL other than a local file (`s3://...`, `memory://...`)."""
+    text = os.fspath(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def lock_manager(
+    directory: str | os.PathLike[str], lease_s: float = DEFAULT_LEASE_S, poll_s: float = POLL_S
+) -> LeaseLockManager:
+    """The process's lock manager for a folder or an object-store URL (one each, so one heartbeat each)."""
+    if is_url(directory):
+        name = os.fspath(directory).rstrip("/")
+        with _MANAGERS_GUARD:
+            if name not in _MANAGERS:
+                _MANAGERS[name] = ObjectLeaseLockManager(name, lease_s, poll_s)
+            return _MANAGERS[name]
+    text = os.fspath(directory)
+    path = Path(text.removeprefix("file://")).expanduser().resolve()
     with _MANAGERS_GUARD:
-        if path not in _MANAGERS:
-            _MANAGERS[path] = LeaseLockManager(path, lease_s, poll_s)
-        return _MANAGERS[path]
+        if str(path) not in _MANAGERS:
+            _MANAGERS[str(path)] = LeaseLockManager(path, lease_s, poll_s)
+        return _MANAGERS[str(path)]
 
 
 def _restore(directory: str, lease_s: float, poll_s: float) -> LeaseLockManager:

@@ -29,10 +29,9 @@ Prefect progress artifact, and live metrics for the MLflow run given as `observe
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import errno
 import hashlib
-import os
 import shutil
 import tempfile
 import uuid
@@ -43,11 +42,11 @@ from typing import TYPE_CHECKING, Any
 
 from fsa_distill.tasks.observe import StageObserver
 
-from fsa_distill.artifacts import Artifact, bind, canonical_json, seal, verify
+from fsa_distill.artifacts import Artifact, canonical_json, seal
 from fsa_distill.codehash import closure, code_version
 from fsa_distill.errors import is_transient
-from fsa_distill.locks import lock_manager
 from fsa_distill.progress import install_stage_logging, observing
+from fsa_distill.store import LOCKS, Store, open_store, publish_folder
 
 if TYPE_CHECKING:  # Prefect is imported only where tasks are built, so `Stage.run` works without it
     from prefect import Task
@@ -55,46 +54,31 @@ if TYPE_CHECKING:  # Prefect is imported only where tasks are built, so `Stage.r
     from prefect.task_runners import TaskRunner
 
 StageFn = Callable[..., None]
-#: `<store>/.locks`: the lock files of the outputs being computed (`fsa_distill.locks`).
-LOCKS = ".locks"
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move the finished folder `tmp` to `out`: first writer wins, readers never see half an output.
-
-    A complete output (its manifest verifies) already at `out` is kept and `tmp` is dropped: another
-    run published the same key first, and replacing it would pull files from under its readers.
-    An incomplete or edited one is moved aside first (one rename), then removed.
-    """
-    while True:
-        try:
-            os.rename(tmp, out)  # an absent (or empty) `out` only
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-        if verify(out) is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        aside = out.with_name(f".{out.name}.{uuid.uuid4().hex}.old")
-        try:
-            os.rename(out, aside)
-        except FileNotFoundError:
-            continue
-        shutil.rmtree(aside, ignore_errors=True)
+#: `publish` is the store's first-writer-wins move of a finished folder (kept under this name).
+publish = publish_folder
+__all__ = ["LOCKS", "Stage", "publish", "stage"]
 
 
 def forget_record(task: Task, key: str) -> bool:
     """Delete Prefect's cache record `key` of `task`, so that the task runs (under its lock) instead of
-    returning a result whose files are gone. False when the records are not in a local folder."""
+    returning a result whose files are gone. False when the records are somewhere else than a local
+    folder or an fsspec URL (another storage block)."""
     from prefect.results import get_result_store
 
     store = get_result_store().update_for_task(task)
     storage = store.metadata_storage or store.result_storage
     basepath = getattr(storage, "basepath", None)
-    if type(storage).__name__ != "LocalFileSystem" or not basepath:
+    kind = type(storage).__name__
+    if not basepath or kind not in ("LocalFileSystem", "RemoteFileSystem"):
         return False
-    (Path(str(basepath)).expanduser() / key).unlink(missing_ok=True)
+    if kind == "LocalFileSystem":
+        (Path(str(basepath)).expanduser() / key).unlink(missing_ok=True)
+        return True
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(basepath))
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(f"{root.rstrip('/')}/{key}")
     return True
 
 
@@ -182,64 +166,61 @@ class Stage:
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
     def output_dir(self, store: str | Path, params: dict[str, Any]) -> Path:
-        """Where this stage's output for `params` lives."""
+        """Where this stage's output for `params` lives in a local store."""
         return Path(store) / self.name / self.key(params)
 
-    def _artifact(self, store: str | Path, key: str, digest: str) -> Artifact:
-        return Artifact(
-            path=str(Path(store) / self.name / key), sha256=digest, stage=self.name, rel=f"{self.name}/{key}"
-        )
+    def _artifact(self, store: Store, key: str, digest: str) -> Artifact:
+        rel = f"{self.name}/{key}"
+        return Artifact(path=store.location(rel), sha256=digest, stage=self.name, rel=rel)
 
-    def cached(self, store: str | Path, params: dict[str, Any]) -> Artifact | None:
+    def cached(self, store: str | Path | Store, params: dict[str, Any]) -> Artifact | None:
         """The existing output for `params` if it is complete and unmodified, else None."""
-        key = self.key(params)
-        digest = verify(Path(store) / self.name / key)
-        return self._artifact(store, key, digest) if digest else None
+        st, key = open_store(store), self.key(params)
+        digest = st.verify(f"{self.name}/{key}")
+        return self._artifact(st, key, digest) if digest else None
 
-    def run(self, store: str | Path, params: dict[str, Any]) -> Artifact:
+    def run(self, store: str | Path | Store, params: dict[str, Any]) -> Artifact:
         """Produce (or reuse) the output for `params`, without Prefect: the plain function path.
 
-        Input artifacts are bound to `store` first, so outputs cached in a moved or copied store
-        are read from where the store is now.
+        `store` is a folder or an fsspec URL (`fsa_distill.store`). Input artifacts are bound to
+        local paths first: in a local store, where it is now (a moved or copied store resolves);
+        in a remote one, this machine's verified copy.
         """
-        params = bind(params, store)
-        existing = self.cached(store, params)
+        st = open_store(store)
+        existing = self.cached(st, params)
         if existing is not None:
             return existing
         key = self.key(params)
         # Another process may be writing this output (its scratch folder too): wait for it, then reuse.
-        locks = lock_manager(Path(store) / LOCKS)
+        locks = st.locks()
         lock, holder = f"write-{self.name}-{key}", uuid.uuid4().hex
         locks.acquire_lock(lock, holder)
         try:
-            existing = self.cached(store, params)
+            existing = self.cached(st, params)
             if existing is not None:
                 return existing
-            return self._compute(store, key, params)
+            return self._compute(st, key, st.bind(params))
         finally:
             locks.release_lock(lock, holder)
 
-    def _compute(self, store: str | Path, key: str, params: dict[str, Any]) -> Artifact:
-        out = Path(store) / self.name / key
-        out.parent.mkdir(parents=True, exist_ok=True)
+    def _compute(self, store: Store, key: str, params: dict[str, Any]) -> Artifact:
+        rel = f"{self.name}/{key}"
+        work = store.work_dir(rel)
         kwargs = dict(params)
+        scratch = work / f"{key}.scratch"
         if self.resumable:
-            scratch = out.with_name(out.name + ".scratch")
             scratch.mkdir(parents=True, exist_ok=True)
             kwargs["scratch"] = scratch
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        tmp = Path(tempfile.mkdtemp(dir=work, prefix=f".{key}.", suffix=".tmp"))
         try:
             self.fn(tmp, **kwargs)
             seal(tmp)
-            publish(tmp, out)
+            digest = store.publish(tmp, rel)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         if self.resumable:
-            shutil.rmtree(out.with_name(out.name + ".scratch"), ignore_errors=True)
-        digest = verify(out)
-        if digest is None:  # pragma: no cover - would mean the filesystem lost our rename
-            raise RuntimeError(f"stage {self.name}: output {out} failed verification after writing")
+            shutil.rmtree(scratch, ignore_errors=True)
         return self._artifact(store, key, digest)
 
     @cached_property
@@ -279,12 +260,18 @@ class Stage:
     def submit(
         self,
         runner: TaskRunner,
-        store: str | Path,
+        store: str | Path | Store,
         params: dict[str, Any],
         label: str = "",
         observe: dict[str, Any] | None = None,
+        tags: Sequence[str] = (),
     ) -> PrefectFuture:
         """Submit to `runner` (an entered task runner) from inside a flow run.
+
+        `store` is a folder or an fsspec URL: with a URL, Prefect's cache records and results go
+        there too (`<url>/.prefect`), so every machine that shares the store shares its cache.
+        `tags` are Prefect tags of the task run: the flow gives the stages that use an accelerator
+        the `runner.gpu_tag`, whose concurrency limit bounds how many of them run at once.
 
         Prefect's cache record is forgotten when the output files are gone or changed, so a
         cached result never points at missing or edited files. The task takes the output's lock
@@ -299,20 +286,27 @@ class Stage:
         also drive a Prefect progress artifact (tasks/observe.py).
         """
         run_name = f"{self.name}[{label}]" if label else self.name
+        st = open_store(store)
         policy = self.task.cache_policy.configure(  # type: ignore[union-attr]
-            lock_manager=lock_manager(Path(store) / LOCKS), isolation_level="SERIALIZABLE"
+            lock_manager=st.locks(), isolation_level="SERIALIZABLE"
         )
-        task = self.task.with_options(cache_policy=policy, task_run_name=run_name)
-        if self.cached(store, params) is None and not self._forget(task, store, params):
+        options: dict[str, Any] = {"cache_policy": policy, "task_run_name": run_name}
+        if st.result_storage() is not None:  # a remote store keeps Prefect's records beside the outputs
+            options["result_storage"] = st.result_storage()
+        if tags:
+            options["tags"] = set(tags)
+        task = self.task.with_options(**options)
+        if self.cached(st, params) is None and not self._forget(task, st, params):
             task = task.with_options(refresh_cache=True)
-        return runner.submit(task, {"store": str(store), "params": params, "observe": observe})
+        return runner.submit(task, {"store": st.url, "params": params, "observe": observe})
 
-    def _forget(self, task: Task, store: str | Path, params: dict[str, Any]) -> bool:
+    def _forget(self, task: Task, store: Store, params: dict[str, Any]) -> bool:
         """Forget the cache record of an output found stale, unless another run is computing it
         right now (it holds the lock, and its commit writes a fresh record): the check and the
-        deletion happen under the same lock the task takes. False when the record is not local."""
+        deletion happen under the same lock the task takes. False when the record is not in a
+        folder or at a URL."""
         key = self._cache_key(None, {"params": params})
-        locks = lock_manager(Path(store) / LOCKS)
+        locks = store.locks()
         holder = uuid.uuid4().hex
         if not locks.acquire_lock(key, holder, acquire_timeout=0):
             return True  # being computed: the task will wait for it and find its record

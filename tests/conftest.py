@@ -10,6 +10,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,45 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1, for the session.
+
+    Its endpoint and dummy credentials go into this process's environment, as a user sets them
+    on every machine (`FSSPEC_S3_ENDPOINT_URL`, `AWS_*`), so subprocesses started by tests see them.
+    """
+    import sys
+
+    import fsspec.config
+
+    from tests.servers import background, free_port, wait_http
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    moto = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    log = SESSION_DIR / "moto.log"
+    with background([moto, "-H", "127.0.0.1", "-p", str(port)], dict(os.environ), log) as server:
+        wait_http(f"{endpoint}/moto-api/", 60, server, log)
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION="us-east-1",
+            FSSPEC_S3_ENDPOINT_URL=endpoint,
+            MLFLOW_S3_ENDPOINT_URL=endpoint,
+        )
+        fsspec.config.set_conf_env(fsspec.config.conf)
+        yield endpoint
+
+
+@pytest.fixture
+def s3_url(s3_endpoint: str) -> str:
+    """A fresh bucket on the session's S3 server, as the store URL `s3://<bucket>/store`."""
+    import uuid
+
+    import fsspec
+
+    bucket = f"fsa-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3").mkdir(bucket)
+    return f"s3://{bucket}/store"

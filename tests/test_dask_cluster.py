@@ -1,7 +1,8 @@
 """A flow on a Dask cluster that was already running (`runner.address`), as on a real cluster.
 
 A real `dask scheduler` and two `dask worker` processes are started on 127.0.0.1, each worker in
-its own working directory with its own HOME, so that what they share is the store the flow names.
+its own working directory with its own HOME (so its own local copies of the store's outputs), so
+that what they share is the store the flow names: a bucket on a local S3 server.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def _f1(result: dict) -> str:
 
 
 @pytest.mark.slow
-def test_the_flow_runs_on_a_running_dask_cluster_and_its_workers_share_the_cache(tmp_path):
+def test_the_flow_runs_on_a_running_dask_cluster_and_its_workers_share_the_cache(tmp_path, s3_url):
+    import fsspec
     from distributed import Client
 
     dask = os.path.join(os.path.dirname(sys.executable), "dask")
@@ -50,16 +52,19 @@ def test_the_flow_runs_on_a_running_dask_cluster_and_its_workers_share_the_cache
     address = f"tcp://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["FSA_PROGRESS_INTERVAL_S"] = "60"
+    env["FSA_STORE_CACHE"] = str(tmp_path / "flow-cache")  # the flow's machine: its own copies too
     scheduler = [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]
     workers = []
     for name in ("w1", "w2"):
         (tmp_path / name / "home").mkdir(parents=True)
-        own = dict(env, HOME=str(tmp_path / name / "home"))
+        own = {k: v for k, v in env.items() if k != "FSA_STORE_CACHE"} | {"HOME": str(tmp_path / name / "home")}
         workers.append(([dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", name,
                          "--local-directory", str(tmp_path / name / "dask")], own, tmp_path / name))  # fmt: skip
 
     workdir = tmp_path / "work"
-    config = shrunk(workdir, *SMALL, "finetune.seeds=[42,52]", "runner=dask", f"runner.address={address}")
+    config = shrunk(
+        workdir, *SMALL, "finetune.seeds=[42,52]", "runner=dask", f"runner.address={address}", f"store.url={s3_url}"
+    )
     with (
         background(scheduler, env, tmp_path / "scheduler.log"),
         background(*workers[0][:2], tmp_path / "w1.log", cwd=workers[0][2]),
@@ -84,6 +89,12 @@ def test_the_flow_runs_on_a_running_dask_cluster_and_its_workers_share_the_cache
     assert all(row["ran"] == 0 and row["cached"] > 0 for row in again["stages"]), again["stages"]
 
     assert _f1(threads) == _f1(first), "the Dask cluster and the thread runner disagree"
+    # everything went through the bucket: outputs and Prefect's records there, none in the workdir
+    fs, root = fsspec.core.url_to_fs(s3_url)
+    assert {"acquire", "finetune", "evaluate", "report", ".prefect"} <= {Path(p).name for p in fs.ls(root)}
+    assert not (workdir / "artifacts").exists()
+    for name in ("w1", "w2"):  # each worker read its inputs from its own copies
+        assert any((tmp_path / name / "home" / ".cache" / "fsa-distill" / "store" / "objects").iterdir())
 
 
 def test_a_scheduler_elsewhere_needs_a_prefect_api_its_workers_reach(monkeypatch):
