@@ -403,6 +403,8 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ValueError(f"runner.kind: {cfg['runner']['kind']!r} is not one of thread, dask")
     if cfg["runner"].get("address") and cfg["runner"]["kind"] != "dask":
         raise ValueError("runner.address: a Dask scheduler address needs runner=dask")
+    if cfg["runner"].get("gpu_limit") is not None and cfg["runner"]["gpu_limit"] < 1:
+        raise ValueError("runner.gpu_limit must be at least 1 (Prefect aborts, not delays, runs at a limit of 0)")
     if not seeds(cfg):
         raise ValueError("finetune.seeds is empty")
     for objective in cfg["pretrain"]["objectives"]:
