@@ -14,8 +14,10 @@ import contextvars
 import json
 import logging
 import os
+import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
@@ -34,7 +36,7 @@ from fsa_distill.tasks.generate import generate_shard, import_released, shard_ra
 from fsa_distill.tasks.pretrain import pretrain
 from fsa_distill.tasks.report import report
 from fsa_distill.tasks.reviews import reviews
-from fsa_distill.tasks.stage import Stage
+from fsa_distill.tasks.stage import RAN_ON, Stage
 from fsa_distill.tasks.student import init_student
 from fsa_distill.tasks.teacher_fsa import teacher_fsa
 from fsa_distill.tasks.teacher_sentiment import teacher_sentiment
@@ -235,12 +237,27 @@ def _parent_tags(cfg: dict[str, Any], composed: list[str]) -> dict[str, str]:
 
 
 def format_summary(table: list[dict[str, Any]]) -> str:
-    """The end-of-run table: one line per stage with how many ran, how many were cached, and wall time."""
-    lines = [f"{'stage':<18} {'ran':>4} {'cached':>6} {'failed':>6} {'wall':>9}"]
+    """The end-of-run table: one line per stage with how many ran, how many were cached, wall time,
+    and where the ones that ran were computed."""
+    lines = [f"{'stage':<18} {'ran':>4} {'cached':>6} {'failed':>6} {'wall':>9}  where"]
     for row in table:
         counts = f"{row['ran']:>4} {row['cached']:>6} {row['failed']:>6}"
-        lines.append(f"{row['stage']:<18} {counts} {_duration(row['wall_s']):>9}")
+        lines.append(f"{row['stage']:<18} {counts} {_duration(row['wall_s']):>9}  {row.get('where', '')}".rstrip())
     return "\n".join(lines)
+
+
+def _where(artifact: Artifact) -> str:
+    """Where an output was computed, from its `measured/ran_on.json`: a Dask worker, this process,
+    or another process (host:pid); "" for an output written before it was recorded."""
+    try:
+        found = json.loads((Path(artifact.path) / RAN_ON).read_text())
+    except (OSError, ValueError):
+        return ""
+    if found.get("dask_worker") is not None:
+        return f"worker {found['dask_worker']}"
+    if found.get("pid") == os.getpid() and found.get("host") == socket.gethostname():
+        return "flow process"
+    return f"{found.get('host')}:{found.get('pid')}"
 
 
 def _duration(seconds: float) -> str:
@@ -341,13 +358,15 @@ class Wiring:
                     self.runner, self.store, params, label=label, observe=self.tree.observe(run_id),
                     tags=self._tags(stage),
                 )  # fmt: skip
-                artifact = future.result()
+                artifact = open_store(self.store).local(future.result())
             except BaseException:
                 self.tree.fail(run_id)
                 self._record(stage.name, label, "Failed", time.monotonic() - start)
                 raise
-            self._record(stage.name, label, future.state.name, time.monotonic() - start)
-        return open_store(self.store).local(artifact), run_id
+            state = future.state.name
+            where = "" if state == "Cached" else _where(artifact)
+            self._record(stage.name, label, state, time.monotonic() - start, where)
+        return artifact, run_id
 
     def _tags(self, stage: Stage) -> list[str]:
         """The GPU tag for stages that use an accelerator: training, the student's inference, and a
@@ -358,21 +377,29 @@ class Wiring:
         uses_gpu = stage.name in students or (local_teacher and stage.name in teacher_stages)
         return [self.cfg["runner"]["gpu_tag"]] if uses_gpu else []
 
-    def _record(self, stage: str, label: str, state: str, wall_s: float) -> None:
+    def _record(self, stage: str, label: str, state: str, wall_s: float, where: str = "") -> None:
         with self._lock:
-            self.records.append((stage, label, state, wall_s))
+            self.records.append((stage, label, state, wall_s, where))
 
     def summary(self) -> list[dict[str, Any]]:
-        """Per stage, in the order stages first finished: how many ran, were cached or failed, and wall time."""
+        """Per stage, in the order stages first finished: how many ran, were cached or failed, wall
+        time, and where the ones that ran were computed (`worker 0 x3, worker 1 x2`)."""
         rows: dict[str, dict[str, Any]] = {}
+        places: dict[str, Counter[str]] = {}
         with self._lock:
             records = list(self.records)
-        for stage, _label, state, wall_s in records:
+        for stage, _label, state, wall_s, where in records:
             row = rows.setdefault(stage, {"stage": stage, "ran": 0, "cached": 0, "failed": 0, "wall_s": 0.0})
             kind = "cached" if state == "Cached" else "failed" if state == "Failed" else "ran"
             row[kind] += 1
             row["wall_s"] += wall_s
-        return [{**row, "wall_s": round(row["wall_s"], 1)} for row in rows.values()]
+            if where:
+                places.setdefault(stage, Counter())[where] += 1
+        return [
+            {**row, "wall_s": round(row["wall_s"], 1),
+             "where": ", ".join(f"{w} x{n}" for w, n in sorted(places.get(name, Counter()).items()))}
+            for name, row in rows.items()
+        ]  # fmt: skip
 
     def run(self) -> dict[str, Any]:
         """Wire the whole DAG, wait for it, then report; MLflow children are written as results land."""

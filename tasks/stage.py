@@ -32,7 +32,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
+import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
@@ -42,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from fsa_distill.tasks.observe import StageObserver
 
-from fsa_distill.artifacts import Artifact, canonical_json, seal
+from fsa_distill.artifacts import MEASURED, Artifact, canonical_json, seal
 from fsa_distill.codehash import closure, code_version
 from fsa_distill.errors import is_transient
 from fsa_distill.progress import install_stage_logging, observing
@@ -54,6 +57,8 @@ if TYPE_CHECKING:  # Prefect is imported only where tasks are built, so `Stage.r
     from prefect.task_runners import TaskRunner
 
 StageFn = Callable[..., None]
+#: `measured/ran_on.json` in every output: which process computed it (outside the content hash).
+RAN_ON = f"{MEASURED}/ran_on.json"
 #: `publish` is the store's first-writer-wins move of a finished folder (kept under this name).
 publish = publish_folder
 __all__ = ["LOCKS", "Stage", "publish", "stage"]
@@ -214,6 +219,8 @@ class Stage:
         tmp = Path(tempfile.mkdtemp(dir=work, prefix=f".{key}.", suffix=".tmp"))
         try:
             self.fn(tmp, **kwargs)
+            (tmp / MEASURED).mkdir(exist_ok=True)
+            (tmp / RAN_ON).write_text(json.dumps(ran_on()))
             seal(tmp)
             digest = store.publish(tmp, rel)
         except BaseException:
@@ -326,6 +333,18 @@ class Stage:
     ) -> PrefectFuture:
         """`submit` with the params this stage derives from `cfg` and its inputs: what flows call."""
         return self.submit(runner, store, self.params(cfg, **inputs), label=label, observe=observe)
+
+
+def ran_on() -> dict[str, Any]:
+    """This process: its host, pid and Dask worker name (None outside a Dask worker)."""
+    worker = None
+    try:
+        from distributed import get_worker
+
+        worker = str(get_worker().name)
+    except (ImportError, ValueError):
+        pass
+    return {"host": socket.gethostname(), "pid": os.getpid(), "dask_worker": worker}
 
 
 def _stage_by_name(module: str, name: str) -> Stage:

@@ -84,6 +84,10 @@ def test_the_flow_runs_on_a_running_dask_cluster_and_its_workers_share_the_cache
 
     ran_on = {record["worker"] for record in stream}
     assert len(ran_on) == 2, f"every stage ran on one worker: {ran_on}"
+    # the run's own stage table says where each stage ran: both workers, never the flow's process
+    places = " ".join(row["where"] for row in first["stages"])
+    assert "worker w1" in places and "worker w2" in places and "flow process" not in places, first["stages"]
+    assert all(row["where"] == f"flow process x{row['ran']}" for row in threads["stages"] if row["ran"])
     assert all(row["ran"] > 0 for row in first["stages"] if row["stage"] in ("finetune", "evaluate"))
     # the second run's tasks land on either worker: each finds the other's records and outputs
     assert all(row["ran"] == 0 and row["cached"] > 0 for row in again["stages"]), again["stages"]
@@ -91,7 +95,8 @@ def test_the_flow_runs_on_a_running_dask_cluster_and_its_workers_share_the_cache
     assert _f1(threads) == _f1(first), "the Dask cluster and the thread runner disagree"
     # everything went through the bucket: outputs and Prefect's records there, none in the workdir
     fs, root = fsspec.core.url_to_fs(s3_url)
-    assert {"acquire", "finetune", "evaluate", "report", ".prefect"} <= {Path(p).name for p in fs.ls(root)}
+    # (and MLflow's artifacts: the experiment was made with the store remote)
+    assert {"acquire", "finetune", "evaluate", "report", ".prefect", "mlflow"} <= {Path(p).name for p in fs.ls(root)}
     assert not (workdir / "artifacts").exists()
     for name in ("w1", "w2"):  # each worker read its inputs from its own copies
         assert any((tmp_path / name / "home" / ".cache" / "fsa-distill" / "store" / "objects").iterdir())
