@@ -12,7 +12,8 @@ Prefect's own `FileSystemLockManager` is the model, with two changes that matter
 * a lock is a lease: the holder touches the file every `lease_s / 4` seconds, and a lock whose
   file a waiter has seen untouched for `lease_s` (by its own clock: machines' clocks may differ)
   belongs to a process that died (killed, machine lost). The waiter takes it over instead of
-  waiting forever, as a lock without expiry would have it.
+  waiting forever, as a lock without expiry would have it. A lock whose holder was a process on
+  the waiter's own host (same host name) that no longer exists is taken over at once.
 
 A live holder that stalls for longer than the lease (suspended, swapped out) can lose its lock to
 a waiter; the stage then runs twice, and the store's first-writer-wins publication keeps one
@@ -112,7 +113,8 @@ class LeaseLockManager:
         """Move an abandoned lock out of the way (a rename succeeds for one process only).
 
         Two waiters can both see the same abandoned lock; if the other one already replaced it with
-        its own fresh lock, the rename moved a live lock: it is put back (a rename keeps the mtime).
+        its own fresh lock, the rename moved a live lock: it is put back (a rename keeps the mtime),
+        unless its holder is a process of this host that no longer exists.
         """
         path = self.path(key)
         aside = path.with_name(f".{path.name}.{uuid.uuid4().hex}.expired")
@@ -121,7 +123,11 @@ class LeaseLockManager:
         except FileNotFoundError:
             return
         try:
-            if time.time() - aside.stat().st_mtime <= self.lease_s / 2:  # touched just now: live
+            try:
+                dead = _dead_here(json.loads(aside.read_bytes()))
+            except ValueError:
+                dead = False
+            if not dead and time.time() - aside.stat().st_mtime <= self.lease_s / 2:  # touched just now: live
                 with contextlib.suppress(FileExistsError):
                     os.link(aside, path)
         finally:
@@ -178,7 +184,7 @@ class LeaseLockManager:
                 if info.get("holder") == holder:
                     self._hold(key, holder)
                     return True
-                if info["age_s"] > self.lease_s:
+                if info["age_s"] > self.lease_s or _dead_here(info):
                     self._break(key)
                     continue
             if deadline is not None and time.monotonic() >= deadline:
@@ -227,6 +233,20 @@ class LeaseLockManager:
         import anyio.to_thread
 
         return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
+
+
+def _dead_here(info: dict[str, Any]) -> bool:
+    """Whether the lock's holder was a process on this machine that no longer exists: a run that
+    was killed (Ctrl-C, OOM) need not block the next one for a whole lease."""
+    if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return False
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, owned by someone else
+        return False
+    return False
 
 
 def _content(holder: str, beat: int = 0) -> dict[str, Any]:

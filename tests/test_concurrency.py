@@ -74,6 +74,23 @@ def test_a_live_holder_keeps_its_lease_and_a_dead_ones_is_taken_over(tmp_path):
     dead.release_lock("k", "next")
 
 
+def test_a_lock_whose_holder_was_killed_on_this_host_is_taken_over_at_once(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from fsa_distill.locks import LeaseLockManager as M; "
+         "M(sys.argv[1]).acquire_lock('k', 'killed'); print('held', flush=True); time.sleep(600)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    waiter = LeaseLockManager(tmp_path, lease_s=60.0, poll_s=0.05)
+    assert not waiter.acquire_lock("k", "next", acquire_timeout=0.5)  # alive: it waits
+    holder.kill()
+    holder.wait()
+    started = time.monotonic()
+    assert waiter.acquire_lock("k", "next", acquire_timeout=30)
+    assert time.monotonic() - started < 5, "waited for the lease though the holder's process is gone"
+    waiter.release_lock("k", "next")
+
+
 def test_a_pickled_manager_comes_back_as_the_processes_own(tmp_path):
     manager = lock_manager(tmp_path / "locks")
     # what a task sent to a Dask worker carries: unpickled, it is that process's manager for the
