@@ -1,8 +1,13 @@
 """`fsa-distill`: run the flow (Hydra), score predictions, serve the flow as a Prefect deployment.
 
 fsa-distill run [-m] [OVERRIDE ...]     compose conf/ with overrides and run the flow
+fsa-distill run -m SWEEP ... hydra/launcher=prefect [hydra.launcher.deployment=FLOW/NAME] [--wait]
+                                        each job of the sweep as a flow run of a deployment
 fsa-distill score [--task fsa|sentiment] --dataset D --predictions FILE [--source S] [OVERRIDE ...]
 fsa-distill serve [--name NAME] [OVERRIDE ...]
+fsa-distill deploy --pool POOL [--name NAME] [--working-dir DIR] [--env KEY=VALUE ...] [--image IMAGE]
+                   [--job-variable KEY=VALUE ...] [OVERRIDE ...]
+                                        the flow as a deployment on a work pool (for hydra/launcher=prefect)
 """
 
 from __future__ import annotations
@@ -16,6 +21,42 @@ from pathlib import Path
 
 from fsa_distill import CONF_DIR
 
+#: The override that sends a multirun's jobs to a Prefect deployment (hydra_plugins/fsa_distill_launcher).
+PREFECT_LAUNCHER = "hydra/launcher=prefect"
+
+
+def launcher_args(argv: list[str]) -> list[str]:
+    """`run`'s own flag on top of Hydra's arguments: `--wait` stands for `hydra.launcher.wait=true`.
+
+    Hydra would run a single job here whatever the launcher, so `hydra/launcher=prefect` without
+    `-m` is refused rather than silently running the flow in this process; `--wait` needs both.
+    """
+    rest = [a for a in argv if a != "--wait"]
+    multirun = "-m" in rest or "--multirun" in rest
+    if PREFECT_LAUNCHER in rest and not multirun:
+        raise ValueError(f"{PREFECT_LAUNCHER} sends the jobs of a multirun to a deployment: add -m")
+    if "--wait" not in argv:
+        return argv
+    if PREFECT_LAUNCHER not in rest or not multirun:
+        raise ValueError(
+            f"--wait waits for the flow runs of a sweep sent to a deployment: add -m and {PREFECT_LAUNCHER}"
+        )
+    return [*rest, "hydra.launcher.wait=true"]
+
+
+def _register_launcher() -> None:
+    """Make `hydra/launcher=prefect` known however the project is installed.
+
+    Hydra finds plugins by scanning the `hydra_plugins` namespace package, which an editable
+    install does not expose to that scan; registering the class (and, by importing it, its config)
+    by hand works in every install.
+    """
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.fsa_distill_launcher.prefect_launcher import PrefectLauncher
+
+    Plugins.instance().register(PrefectLauncher)
+
 
 def _run(argv: list[str]) -> int:
     import hydra
@@ -24,7 +65,13 @@ def _run(argv: list[str]) -> int:
     from fsa_distill.config import register, to_plain
     from fsa_distill.env import configure
 
+    try:
+        argv = launcher_args(argv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     register()
+    _register_launcher()
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def job(cfg: DictConfig) -> None:
@@ -134,10 +181,81 @@ def _serve(argv: list[str]) -> int:
     return 0
 
 
+def _deploy(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fsa-distill deploy",
+        description="Register the flow as a deployment on a Prefect work pool, for sweeps run as parallel flow "
+        "runs (fsa-distill run -m ... hydra/launcher=prefect). Needs PREFECT_API_URL.",
+    )
+    parser.add_argument("--pool", required=True, help="work pool (`prefect work-pool create POOL --type process`)")
+    parser.add_argument("--name", default="default", help="deployment name (default: default)")
+    parser.add_argument(
+        "--working-dir",
+        default=os.getcwd(),
+        help="where the runs start on the workers, so relative paths mean what they mean here "
+        "(default: this directory; '' for a fresh temporary folder per run)",
+    )
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="one more environment variable for the runs"
+    )
+    parser.add_argument("--image", help="Docker or Kubernetes pools: the image runs start in (built from docker/)")
+    parser.add_argument(
+        "--job-variable",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more job variable of the pool (VALUE as JSON if it parses, else a string), e.g. network_mode=host",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides every run of the deployment starts from")
+    args = parser.parse_args(argv)
+    env: dict[str, str] = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--env {item!r}: give KEY=VALUE")
+        env[key] = value
+    variables: dict[str, object] = {}
+    for item in args.job_variable:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--job-variable {item!r}: give KEY=VALUE")
+        try:
+            variables[key] = json.loads(value)
+        except ValueError:
+            variables[key] = value
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fsa_distill.launcher import LaunchError, deploy
+
+    working_dir = Path(args.working_dir) if args.working_dir else None
+    try:
+        made = deploy(args.pool, args.name, list(args.overrides), working_dir, env, args.image, variables)
+    except (LaunchError, ValueError, HydraException, OmegaConfBaseException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"Deployment {made['deployment']} on work pool {made['work_pool']} ({made['pool_type']}), "
+        f"entrypoint {made['entrypoint']}\n"
+        f"  base overrides: {' '.join(made['base_overrides'])}\n"
+        f"Start workers:    prefect worker start --pool {made['work_pool']}   (one per parallel run, any machine "
+        "with the project installed and PREFECT_API_URL set)\n"
+        f"Run a sweep:      fsa-distill run -m finetune.seed=42,52,62 {PREFECT_LAUNCHER} "
+        f"hydra.launcher.deployment={made['deployment']} --wait",
+        file=sys.stderr,
+    )
+    print(
+        json.dumps(
+            {k: made[k] for k in ("deployment", "id", "work_pool", "entrypoint", "base_overrides", "job_variables")}
+        )
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch the sub-command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run": _run, "score": _score, "serve": _serve}
+    commands = {"run": _run, "score": _score, "serve": _serve, "deploy": _deploy}
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         return 2

@@ -264,6 +264,26 @@ class PretrainConfig:
 
 
 @dataclass
+class TrainerConfig:
+    """How `pretrain` and `finetune` train: in the stage's process (1 device, 1 node: the default) or
+    data-parallel over `devices` x `nodes` processes that the stage launches with torchrun (DDP).
+
+    `pretrain.batch_size` and `finetune.batch_size` stay the global batch: each process gets
+    batch_size / (devices x nodes) examples per step, so they must divide. `devices` is processes
+    per node: GPUs (nccl) or CPU processes (gloo). With `nodes` > 1 the stage's machine is node 0
+    and `rdzv_endpoint` (`host:port` on it) is where the others join (they run the command the
+    stage logs, with the store on a shared filesystem). `backend` auto is nccl with CUDA, else gloo.
+    Only the world size (devices x nodes) is in the stages' keys: it decides the per-process batch.
+    """
+
+    devices: int = 1
+    nodes: int = 1
+    rdzv_endpoint: str | None = None
+    backend: str = "auto"  # auto | gloo | nccl
+    timeout_s: int = 1800  # collective operations (torch.distributed) wait this long for a slow rank
+
+
+@dataclass
 class DistillConfig:
     """Whether the run distils at all, and which pretraining arms are compared with the baseline."""
 
@@ -351,6 +371,7 @@ class Config:
     prompts: dict[str, PromptTemplate] = field(default_factory=dict)
     clean: CleanConfig = field(default_factory=CleanConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sentiment: SentimentConfig = field(default_factory=SentimentConfig)
     teacher_eval: TeacherEvalConfig = field(default_factory=TeacherEvalConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
@@ -432,6 +453,10 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ValueError(
             f"distill.corpus_size must be a fraction in (0, 1] or a whole number of pairs > 1 (or null), got {size}"
         )
+    from fsa_distill.ddp import check_teacher_parallel, check_trainer
+
+    check_trainer(cfg)
+    check_teacher_parallel(cfg["teacher"])
 
 
 def seeds(cfg: dict[str, Any]) -> list[int]:

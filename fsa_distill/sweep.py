@@ -8,6 +8,10 @@ Registered under `hydra.callbacks` in `conf/config.yaml`; it acts only in multir
   tracking URI and experiment. The result is read from `<job output dir>/result.json` when the CLI
   wrote one, else from the JSON line `{"parent_run_id": ..., "report": ...}` that `fsa-distill run`
   prints at the end of a job (the callback copies what the job writes to stdout while it runs).
+  With `hydra/launcher=prefect` (`fsa_distill.launcher`) the jobs are flow runs on Prefect workers:
+  with `--wait` the launcher fires both callbacks for each run once it is final, with a
+  `result.json` from the run's result (which also names the deployment's workdir and MLflow);
+  without `--wait` nothing is collected and no report is written.
 * `on_multirun_end` (on the launching machine): every job's `per_seed.csv` (from its report folder)
   is combined with the values of the swept settings into `<sweep dir>/report/`:
 
@@ -123,15 +127,18 @@ class SweepReport(Callback):
         written = out_dir / "result.json"
         result = json.loads(written.read_text()) if written.is_file() else printed
         status = getattr(getattr(job_return, "status", None), "name", None)
+        result = result or {}
         record = {
             "num": _select(config, "hydra.job.num"),
             "overrides": list(getattr(job_return, "overrides", None) or _select(config, "hydra.overrides.task") or []),
             "status": status,
-            "report": (result or {}).get("report"),
-            "parent_run_id": (result or {}).get("parent_run_id"),
-            "workdir": _select(config, "workdir"),
-            "tracking_uri": _select(config, "tracking.uri"),
-            "experiment": _select(config, "tracking.experiment"),
+            "report": result.get("report"),
+            "parent_run_id": result.get("parent_run_id"),
+            # a job run elsewhere (hydra/launcher=prefect) reports where its flow ran: the deployment's
+            # workdir and MLflow, which this machine's config need not name
+            "workdir": result.get("workdir") or _select(config, "workdir"),
+            "tracking_uri": result.get("tracking_uri") or _select(config, "tracking.uri"),
+            "experiment": result.get("experiment") or _select(config, "tracking.experiment"),
         }
         (out_dir / JOB_FILE).write_text(json.dumps(record, indent=1, default=str))
         self._records.append(out_dir / JOB_FILE)
@@ -142,6 +149,11 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled:
+            return
+        if OmegaConf.select(config, "hydra.launcher.wait", default=None) is False:
+            # hydra/launcher=prefect without --wait: the jobs were only submitted, there is nothing to report yet
+            print("sweep report: none (the jobs were submitted as flow runs; --wait collects them into one)",
+                  file=sys.stderr)  # fmt: skip
             return
         self._write(config, partial=False)
 

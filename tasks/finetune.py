@@ -25,7 +25,6 @@ import torch
 from datasets import Dataset
 from fsa_distill.benchmark.protocol import micro_prf, parse_pairs
 from fsa_distill.tasks.acquire import read_meta
-from fsa_distill.tasks.stage import stage
 from transformers import (
     DataCollatorForSeq2Seq,
     PrinterCallback,
@@ -34,6 +33,15 @@ from transformers import (
 )
 
 from fsa_distill.artifacts import Artifact
+from fsa_distill.ddp import (
+    distributed,
+    launch,
+    per_device_batch,
+    relay_callbacks,
+    token_mean_loss,
+    training_arguments,
+    training_stage,
+)
 from fsa_distill.models import TRAIN_LOCK, last_checkpoint, load_seq2seq, write_log
 from fsa_distill.progress import ProgressCallback, write_log_times
 
@@ -60,13 +68,51 @@ def train_subset(n: int, fraction: float, seed: int) -> list[int]:
     return sorted(int(i) for i in order[:size])
 
 
-def dev_f1_metric(task: str, tokenizer: Any, dev_rows: list[dict[str, Any]]) -> Any:
-    """compute_metrics for the Trainer: decode generated ids, parse, micro-F1 against the gold targets."""
+class DevOrderError(RuntimeError):
+    """The dev predictions the Trainer returned do not line up with the dev rows."""
+
+
+def check_dev_order(label_ids: Any, dev_labels: list[list[int]], pad_id: int | None) -> None:
+    """Raise unless the first len(dev_labels) gold label rows the Trainer returned are the dev rows'
+    targets, in order (padded with -100 and, up to the generation length, with `pad_id`).
+
+    Under DDP, Seq2SeqTrainer gathers every rank's dev batches with `accelerator.gather`, not
+    `gather_for_metrics`: each step's batches come back in rank order (the dev rows' own order), and
+    the last rank's shard is evened out with rows repeated from the start, which come back after all
+    the real rows. `dev_f1_metric` keeps the first len(dev_labels) rows; this check proves that they
+    are the dev rows, so predictions (gathered with the labels) are zipped with the right rows.
+    """
+
+    def bare(row: Any) -> list[int]:
+        ids = [int(t) for t in row if t != -100]
+        while ids and ids[-1] == pad_id:
+            ids.pop()
+        return ids
+
+    label_ids = label_ids[0] if isinstance(label_ids, tuple) else label_ids
+    if label_ids is None or len(label_ids) < len(dev_labels):
+        got = "none" if label_ids is None else len(label_ids)
+        raise DevOrderError(f"dev evaluation returned {got} label rows for {len(dev_labels)} dev rows")
+    for i, want in enumerate(dev_labels):
+        if bare(label_ids[i]) != bare(want):
+            raise DevOrderError(f"dev evaluation row {i} is not dev row {i}: predictions would be scored out of order")
+
+
+def dev_f1_metric(
+    task: str, tokenizer: Any, dev_rows: list[dict[str, Any]], dev_labels: list[list[int]] | None = None
+) -> Any:
+    """compute_metrics for the Trainer: decode generated ids, parse, micro-F1 against the gold targets.
+
+    With `dev_labels` (the dev rows' tokenized targets), the order of what the Trainer returned is
+    checked first (`check_dev_order`); rows past the dev set (DDP's even shards) are dropped."""
     gold = [parse_pairs(task, r["target"], r["sentence"]) for r in dev_rows]
 
     def compute(eval_pred: Any) -> dict[str, float]:
+        if dev_labels is not None:
+            check_dev_order(eval_pred.label_ids, dev_labels, tokenizer.pad_token_id)
         preds = eval_pred.predictions
         preds = preds[0] if isinstance(preds, tuple) else preds
+        preds = preds[: len(dev_rows)]  # under DDP, rows past the dev set repeat its first ones
         preds = np.where(preds < 0, tokenizer.pad_token_id, preds)
         texts = tokenizer.batch_decode(preds, skip_special_tokens=True)
         pred = [parse_pairs(task, t.strip(), r["sentence"]) for t, r in zip(texts, dev_rows, strict=True)]
@@ -75,7 +121,7 @@ def dev_f1_metric(task: str, tokenizer: Any, dev_rows: list[dict[str, Any]]) -> 
     return compute
 
 
-@stage("finetune", resumable=True)
+@training_stage("finetune", resumable=True)
 def finetune(
     out: Path,
     *,
@@ -85,11 +131,23 @@ def finetune(
     seed: int,
     finetune: dict[str, Any],
     generation: dict[str, Any],
+    trainer: dict[str, Any] | None = None,
 ) -> None:
-    """Fine-tune `student` on `data` with `seed`; write the best model, `train_log.json`, `dev_metrics.json`."""
-    ft = finetune
-    task = read_meta(data.path)["task"]
-    model, tokenizer = load_seq2seq(student.path)
+    """Fine-tune `student` on `data` with `seed`; write the best model, `train_log.json`, `dev_metrics.json`.
+    With a `trainer` (devices x nodes > 1), data-parallel in torchrun ranks (`fsa_distill.ddp`)."""
+    job = {"out": str(out), "scratch": str(scratch), "data": data.path, "student": student.path, "seed": seed,
+           "ft": finetune, "generation": generation, "resume": last_checkpoint(scratch)}  # fmt: skip
+    if trainer is None:
+        train(**job)
+    else:
+        launch("finetune", f"{__name__}:train", {**job, "trainer": trainer}, trainer, scratch / "ddp")
+
+
+def train(out: str, scratch: str, data: str, student: str, seed: int, ft: dict[str, Any],
+          generation: dict[str, Any], resume: str | None, trainer: dict[str, Any] | None = None) -> None:  # fmt: skip
+    """The fine-tuning itself, in the stage's process or on every rank of a distributed run (`trainer`)."""
+    task = read_meta(data)["task"]
+    model, tokenizer = load_seq2seq(student)
     # Dev decoding is passed to the Trainer as `generation_max_length` (decoder start + new tokens):
     # with `max_new_tokens` on the model's generation config, Seq2SeqTrainer restores the default
     # `max_length` after the first batch and every later batch warned that both were set.
@@ -97,20 +155,22 @@ def finetune(
     model.generation_config.num_beams = generation["num_beams"]
     model.generation_config.do_sample = False
 
-    train_rows = pq.read_table(Path(data.path) / "train.parquet").to_pylist()
+    train_rows = pq.read_table(Path(data) / "train.parquet").to_pylist()
     keep = train_subset(len(train_rows), ft.get("train_fraction", 1.0), ft.get("subset_seed", 0))
     train_rows = [train_rows[i] for i in keep]
-    dev_rows = pq.read_table(Path(data.path) / "dev.parquet").to_pylist()
+    dev_rows = pq.read_table(Path(data) / "dev.parquet").to_pylist()
     # Longest first: generation over similar lengths wastes less compute on padding.
     dev_rows.sort(key=lambda r: -len(r["sentence"]))
     with TRAIN_LOCK:
-        _train(out, scratch, model, tokenizer, ft, seed, task, train_rows, dev_rows, generation)
+        _train(Path(out), Path(scratch), model, tokenizer, ft, seed, task, train_rows, dev_rows, generation, resume,
+               trainer)  # fmt: skip
 
 
 def _train(out: Path, scratch: Path, model: Any, tokenizer: Any, ft: dict[str, Any], seed: int, task: str,
            train_rows: list[dict[str, Any]], dev_rows: list[dict[str, Any]],
-           generation: dict[str, Any]) -> None:  # fmt: skip
+           generation: dict[str, Any], resume: str | None, trainer: dict[str, Any] | None) -> None:  # fmt: skip
     use_cuda = torch.cuda.is_available()
+    world = 1 if trainer is None else trainer["world_size"]
     args = Seq2SeqTrainingArguments(
         generation_max_length=generation["max_new_tokens"] + 1,
         generation_num_beams=generation["num_beams"],
@@ -119,8 +179,9 @@ def _train(out: Path, scratch: Path, model: Any, tokenizer: Any, ft: dict[str, A
         data_seed=seed,
         learning_rate=ft["learning_rate"],
         num_train_epochs=ft["epochs"],
-        per_device_train_batch_size=ft["batch_size"],
-        per_device_eval_batch_size=ft["eval_batch_size"],
+        # the configured batch is the global one: each rank takes its share
+        per_device_train_batch_size=per_device_batch(ft["batch_size"], trainer, "finetune.batch_size"),
+        per_device_eval_batch_size=-(-ft["eval_batch_size"] // world),
         weight_decay=ft["weight_decay"],
         lr_scheduler_type=ft["lr_scheduler"],
         # transformers 5: a float below 1 is a fraction of the total steps.
@@ -138,45 +199,52 @@ def _train(out: Path, scratch: Path, model: Any, tokenizer: Any, ft: dict[str, A
         report_to=[],
         disable_tqdm=True,
         bf16=bool(ft["bf16"]) and use_cuda,
-        use_cpu=not use_cuda,
         dataloader_num_workers=0,
+        # a rank of a distributed run: its backend (gloo trains on the CPU even where CUDA is)
+        **{"use_cpu": not use_cuda, **training_arguments(trainer)},
     )
-    trainer = Seq2SeqTrainer(
+    dev = _tokenize(tokenizer, dev_rows, ft)
+    # Under DDP every rank generates for its shard of the dev rows and the Trainer gathers them (in
+    # order, then the even-shard padding); the gathered gold labels are checked against the dev rows
+    # before F1 is computed on the first len(dev_rows) predictions.
+    hf = Seq2SeqTrainer(
         model=model,
         args=args,
         train_dataset=_tokenize(tokenizer, train_rows, ft),
-        eval_dataset=_tokenize(tokenizer, dev_rows, ft),
+        eval_dataset=dev,
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
         processing_class=tokenizer,
-        compute_metrics=dev_f1_metric(task, tokenizer, dev_rows),
+        compute_metrics=dev_f1_metric(task, tokenizer, dev_rows, dev["labels"]),
+        compute_loss_func=token_mean_loss,
     )
     # progress lines and live metrics instead of the raw dicts PrinterCallback prints (disable_tqdm)
-    trainer.remove_callback(PrinterCallback)
+    hf.remove_callback(PrinterCallback)
     progress = ProgressCallback("finetune")
-    trainer.add_callback(progress)
-    resume = last_checkpoint(scratch)
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(out))
+    for callback in (progress, *relay_callbacks()) if hf.is_world_process_zero() else ():
+        hf.add_callback(callback)
+    hf.train(resume_from_checkpoint=resume)
+    if not hf.is_world_process_zero():  # only rank 0 writes the stage's files
+        return
+    hf.save_model(str(out))
     tokenizer.save_pretrained(out)
-    history = trainer.state.log_history
+    history = hf.state.log_history
     evals = [h for h in history if "eval_f1" in h]
     best = max(evals, key=lambda h: h["eval_f1"]) if evals else {}
     write_log(out, "train_log.json", history)
     write_log_times(out, progress.times(history))
-    write_log(
-        out,
-        "dev_metrics.json",
-        {
-            "f1": best.get("eval_f1"),
-            "precision": best.get("eval_precision"),
-            "recall": best.get("eval_recall"),
-            "best_epoch": best.get("epoch"),
-            "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name,
-            "resumed_from": Path(resume).name if resume else None,
-            "device": trainer.args.device.type,
-            "bf16": bool(trainer.args.bf16),
-        },
-    )
+    dev_metrics = {
+        "f1": best.get("eval_f1"),
+        "precision": best.get("eval_precision"),
+        "recall": best.get("eval_recall"),
+        "best_epoch": best.get("epoch"),
+        "best_checkpoint": Path(hf.state.best_model_checkpoint or "").name,
+        "resumed_from": Path(resume).name if resume else None,
+        "device": hf.args.device.type,
+        "bf16": bool(hf.args.bf16),
+    }
+    if trainer is not None:  # an in-process run's metrics stay as they were
+        dev_metrics.update(world_size=hf.args.world_size, backend=hf.args.ddp_backend)
+    write_log(out, "dev_metrics.json", dev_metrics)
     for name in ("training_args.bin",):
         (out / name).unlink(missing_ok=True)
 
@@ -193,4 +261,8 @@ def params(cfg: dict[str, Any], *, data: Artifact, student: Artifact, seed: int)
         recipe["train_fraction"] = fraction
         recipe["subset_seed"] = cfg["finetune"].get("subset_seed", 0)
     generation = {k: cfg["evaluate"][k] for k in ("max_new_tokens", "num_beams")}
-    return {"data": data, "student": student, "seed": seed, "finetune": recipe, "generation": generation}
+    out = {"data": data, "student": student, "seed": seed, "finetune": recipe, "generation": generation}
+    trainer = distributed(cfg)
+    if trainer is not None:  # keyed by its world size only (`fsa_distill.ddp.TrainingStage`)
+        out["trainer"] = trainer
+    return out

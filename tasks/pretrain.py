@@ -31,11 +31,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from datasets import Dataset
-from fsa_distill.tasks.stage import stage
 from fsa_distill.tasks.student import NEWLINE_TOKEN
 from transformers import DataCollatorForSeq2Seq, PrinterCallback, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
 from fsa_distill.artifacts import Artifact
+from fsa_distill.ddp import (
+    distributed,
+    launch,
+    per_device_batch,
+    relay_callbacks,
+    token_mean_loss,
+    training_arguments,
+    training_stage,
+)
 from fsa_distill.errors import InputError
 from fsa_distill.models import TRAIN_LOCK, last_checkpoint, load_seq2seq, write_log
 from fsa_distill.progress import ProgressCallback, write_log_times
@@ -168,10 +176,13 @@ def build_dataset(objective: str, corpus: Path, tokenizer: Any, cfg: dict[str, A
     )
 
 
-def training_args(scratch: Path, cfg: dict[str, Any]) -> Seq2SeqTrainingArguments:
-    """The paper's optimiser settings (AdamW, cosine to a floor, clipping) from the pretrain config."""
+def training_args(
+    scratch: Path, cfg: dict[str, Any], trainer: dict[str, Any] | None = None
+) -> Seq2SeqTrainingArguments:
+    """The paper's optimiser settings (AdamW, cosine to a floor, clipping) from the pretrain config;
+    with a `trainer` (one rank of a distributed run), its share of the global batch and its backend."""
     use_cuda = torch.cuda.is_available()
-    return Seq2SeqTrainingArguments(
+    args: dict[str, Any] = dict(
         output_dir=str(scratch),
         seed=cfg["seed"],
         max_steps=cfg["max_steps"],
@@ -197,6 +208,10 @@ def training_args(scratch: Path, cfg: dict[str, Any]) -> Seq2SeqTrainingArgument
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
+    if trainer is not None:
+        args["per_device_train_batch_size"] = per_device_batch(cfg["batch_size"], trainer, "pretrain.batch_size")
+        args.update(training_arguments(trainer))
+    return Seq2SeqTrainingArguments(**args)
 
 
 class _DropLength(DataCollatorForSeq2Seq):
@@ -206,45 +221,66 @@ class _DropLength(DataCollatorForSeq2Seq):
         return super().__call__([{k: v for k, v in f.items() if k != "length"} for f in features], return_tensors)
 
 
-@stage("pretrain", resumable=True, unkeyed=("pretrain.save_steps",))
+@training_stage("pretrain", resumable=True, unkeyed=("pretrain.save_steps",))
 def pretrain(out: Path, *, scratch: Path, student: Artifact, corpus: Artifact, objective: str,
-             pretrain: dict[str, Any], corpus_size: float | None = None) -> None:  # fmt: skip
+             pretrain: dict[str, Any], corpus_size: float | None = None,
+             trainer: dict[str, Any] | None = None) -> None:  # fmt: skip
     """Pretrain `student` with `objective` on the cleaned corpus (or its `corpus_size` prefix); write the
-    model and `pretrain_log.json`."""
-    model, tokenizer = load_seq2seq(student.path)
+    model and `pretrain_log.json`. With a `trainer` (devices x nodes > 1), data-parallel in torchrun
+    ranks (`fsa_distill.ddp`); without, in this process."""
+    job = {"out": str(out), "scratch": str(scratch), "student": student.path, "corpus": corpus.path,
+           "objective": objective, "cfg": pretrain, "corpus_size": corpus_size,
+           "resume": last_checkpoint(scratch)}  # fmt: skip
+    if trainer is None:
+        train(**job)
+    else:
+        launch("pretrain", f"{__name__}:train", {**job, "trainer": trainer}, trainer, scratch / "ddp")
+
+
+def train(out: str, scratch: str, student: str, corpus: str, objective: str, cfg: dict[str, Any],
+          corpus_size: float | None, resume: str | None, trainer: dict[str, Any] | None = None) -> None:  # fmt: skip
+    """The training itself, in the stage's process or on every rank of a distributed run (`trainer`):
+    only global rank 0 writes `out` (the Trainer saves checkpoints from rank 0 only)."""
+    model, tokenizer = load_seq2seq(student)
     if NEWLINE_TOKEN not in tokenizer.get_vocab():  # a hub checkpoint such as t5-base
         tokenizer.add_special_tokens({"additional_special_tokens": [NEWLINE_TOKEN]})
         model.resize_token_embeddings(len(tokenizer))
-    dataset = build_dataset(objective, Path(corpus.path) / "corpus.parquet", tokenizer, pretrain, corpus_size)
+    dataset = build_dataset(objective, Path(corpus) / "corpus.parquet", tokenizer, cfg, corpus_size)
     with TRAIN_LOCK:
-        trainer = Seq2SeqTrainer(
+        hf = Seq2SeqTrainer(
             model=model,
-            args=training_args(scratch, pretrain),
+            args=training_args(Path(scratch), cfg, trainer),
             train_dataset=dataset,
             data_collator=_DropLength(tokenizer, model=model, label_pad_token_id=-100),
             processing_class=tokenizer,
+            compute_loss_func=token_mean_loss,
         )
         # progress lines and live metrics instead of the raw dicts PrinterCallback prints (disable_tqdm)
-        trainer.remove_callback(PrinterCallback)
+        hf.remove_callback(PrinterCallback)
         progress = ProgressCallback("pretrain")
-        trainer.add_callback(progress)
-        resume = last_checkpoint(scratch)
-        trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model(str(out))
+        for callback in (progress, *relay_callbacks()) if hf.is_world_process_zero() else ():
+            hf.add_callback(callback)
+        hf.train(resume_from_checkpoint=resume)
+        if not hf.is_world_process_zero():
+            return
+        hf.save_model(out)
     tokenizer.save_pretrained(out)
-    (out / "training_args.bin").unlink(missing_ok=True)
+    (Path(out) / "training_args.bin").unlink(missing_ok=True)
     stats = {
         "objective": objective,
         "corpus_size": corpus_size,
         "examples": len(dataset),
         "tokens": int(sum(dataset["length"])),
         "resumed_from": Path(resume).name if resume else None,
-        "device": trainer.args.device.type,
-        "bf16": bool(trainer.args.bf16),
-        "train_runtime_s": trainer.state.log_history[-1].get("train_runtime") if trainer.state.log_history else None,
+        "device": hf.args.device.type,
+        "bf16": bool(hf.args.bf16),
+        "train_runtime_s": hf.state.log_history[-1].get("train_runtime") if hf.state.log_history else None,
     }
-    write_log(out, "pretrain_log.json", {"stats": stats, "history": trainer.state.log_history})
-    write_log_times(out, progress.times(trainer.state.log_history))
+    if trainer is not None:  # an in-process run's log stays as it was
+        stats["world_size"] = hf.args.world_size
+        stats["backend"] = hf.args.ddp_backend
+    write_log(Path(out), "pretrain_log.json", {"stats": stats, "history": hf.state.log_history})
+    write_log_times(Path(out), progress.times(hf.state.log_history))
 
 
 #: Settings that only one objective reads: the other arm's key leaves them out.
@@ -263,6 +299,9 @@ def params(cfg: dict[str, Any], *, student: Artifact, corpus: Artifact, objectiv
     size = cfg.get("distill", {}).get("corpus_size")
     if size is not None and size != 1 and not (size > 1 and size >= _corpus_total(corpus)):
         out["corpus_size"] = size
+    trainer = distributed(cfg)
+    if trainer is not None:  # keyed by its world size only (`fsa_distill.ddp.TrainingStage`)
+        out["trainer"] = trainer
     return out
 
 

@@ -178,7 +178,10 @@ def test_every_package_folder_installs_under_the_project_namespace():
 
     setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     mapping = setup["package-dir"]
-    assert all(name.startswith("fsa_distill") for name in setup["packages"])
+    # the one exception: Hydra finds launcher plugins only in its `hydra_plugins` namespace, under a
+    # name of our own (and never with a `hydra_plugins/__init__.py`, which would hide other plugins)
+    assert all(name.startswith(("fsa_distill", "hydra_plugins.fsa_distill_")) for name in setup["packages"])
+    assert not (ROOT / "hydra_plugins" / "__init__.py").exists()
     found = set()
     for name, folder in mapping.items():
         for init in (ROOT / folder).rglob("__init__.py"):
