@@ -97,6 +97,12 @@ def check_trainer(cfg: Mapping[str, Any]) -> None:
     if int(trainer.get("timeout_s", 1800)) <= 0:
         raise ValueError(f"trainer.timeout_s must be > 0, got {trainer.get('timeout_s')}")
     if int(trainer.get("nodes", 1)) > 1:
+        url = (cfg.get("store") or {}).get("url") or ""
+        if "://" in url and not url.startswith("file://"):
+            raise ValueError(
+                f"trainer.nodes > 1 needs the store on a filesystem every node mounts at the same path "
+                f"(the nodes read the job, the inputs and the checkpoints there); store.url={url} is not one"
+            )
         endpoint = trainer.get("rdzv_endpoint") or ""
         host, _, port = endpoint.rpartition(":")
         if not host or not port.isdigit():

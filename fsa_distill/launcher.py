@@ -53,7 +53,14 @@ PATH_KEYS = ("workdir", "data.source", "reviews.root", "sentiment.source")
 #: Environment variables a deployment passes to its runs besides `configure`'s defaults...
 PASSED_PREFIXES = ("FSA_", "HF_", "MLFLOW_", "FSSPEC_", "PREFECT_LOGGING_")
 #: ...except credentials: job variables are stored in Prefect's database and shown in its UI.
-SECRET_NAME = re.compile(r"(^|_)(KEY|SECRET|TOKEN|PASSWORD|PASS|CREDENTIALS?|AUTH)(_|$)", re.IGNORECASE)
+SECRET_NAME = re.compile(
+    r"(^|_)(KEYS?|APIKEY|SECRETS?|TOKENS?|PASSWORD|PASS|CREDENTIALS?|AUTH|KWARGS|CONNECTION_STRING)(_|$)"
+    # fsspec reads a whole protocol's keywords, credentials included, from FSSPEC_<PROTOCOL> (JSON)
+    r"|^FSSPEC_[A-Z0-9]+$",
+    re.IGNORECASE,
+)
+#: A URL with a password in it (`https://user:pass@host`), e.g. in MLFLOW_TRACKING_URI.
+SECRET_VALUE = re.compile(r"://[^/@\s]+:[^/@\s]+@")
 #: The link artifact the flow attaches to its run (flows/pipeline.py): the fallback for its result.
 PARENT_LINK_KEY = "mlflow-parent-run"
 
@@ -463,7 +470,7 @@ def flow_env(workdir: Path) -> dict[str, str]:
     defaults = json.loads(out.stdout.strip().splitlines()[-1])
     env = {key: os.environ.get(key, value) for key, value in defaults.items()}
     for key, value in os.environ.items():
-        if key.startswith(PASSED_PREFIXES) and not SECRET_NAME.search(key):
+        if key.startswith(PASSED_PREFIXES) and not SECRET_NAME.search(key) and not SECRET_VALUE.search(value):
             env[key] = value
     return env
 

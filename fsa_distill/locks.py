@@ -12,8 +12,9 @@ Prefect's own `FileSystemLockManager` is the model, with two changes that matter
 * a lock is a lease: the holder touches the file every `lease_s / 4` seconds, and a lock whose
   file a waiter has seen untouched for `lease_s` (by its own clock: machines' clocks may differ)
   belongs to a process that died (killed, machine lost). The waiter takes it over instead of
-  waiting forever, as a lock without expiry would have it. A lock whose holder was a process on
-  the waiter's own host (same host name) that no longer exists is taken over at once.
+  waiting forever, as a lock without expiry would have it. A lock whose holder was a process of
+  the waiter's own machine (same host name, boot and pid namespace) that no longer exists is
+  taken over at once.
 
 A live holder that stalls for longer than the lease (suspended, swapped out) can lose its lock to
 a waiter; the stage then runs twice, and the store's first-writer-wins publication keeps one
@@ -25,6 +26,7 @@ exclusive puts (see its caveat); Prefect's Redis lock manager is the alternative
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -235,10 +237,28 @@ class LeaseLockManager:
         return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
 
 
+@functools.cache
+def machine_id() -> str:
+    """Where this process's pid means something: host name, boot id and pid namespace. Containers
+    that share a host name (host networking) have their own pid namespaces, and a pid of a past
+    boot means nothing now."""
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    except OSError:
+        parts.append("?")
+    try:
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        parts.append("?")
+    return "|".join(parts)
+
+
 def _dead_here(info: dict[str, Any]) -> bool:
-    """Whether the lock's holder was a process on this machine that no longer exists: a run that
-    was killed (Ctrl-C, OOM) need not block the next one for a whole lease."""
-    if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+    """Whether the lock's holder was a process of this machine (same host, boot and pid namespace)
+    that no longer exists: a run that was killed (Ctrl-C, OOM) need not block the next one for a
+    whole lease. Anywhere else, only the lease decides."""
+    if info.get("machine") != machine_id() or not isinstance(info.get("pid"), int):
         return False
     try:
         os.kill(info["pid"], 0)
@@ -250,7 +270,7 @@ def _dead_here(info: dict[str, Any]) -> bool:
 
 
 def _content(holder: str, beat: int = 0) -> dict[str, Any]:
-    return {"holder": holder, "host": socket.gethostname(), "pid": os.getpid(), "beat": beat}
+    return {"holder": holder, "host": socket.gethostname(), "machine": machine_id(), "pid": os.getpid(), "beat": beat}
 
 
 class ObjectLeaseLockManager(LeaseLockManager):
@@ -296,11 +316,9 @@ class ObjectLeaseLockManager(LeaseLockManager):
         return self._load(key) is not None
 
     def _create(self, key: str, holder: str) -> bool:
-        try:
-            self.fs.pipe_file(self.object(key), json.dumps(_content(holder)).encode(), mode="create")
-        except FileExistsError:
-            return False
-        return True
+        from fsa_distill.store import create_object
+
+        return create_object(self.fs, self.object(key), json.dumps(_content(holder)).encode())
 
     def _touch(self, key: str, holder: str) -> None:
         loaded = self._load(key)

@@ -25,7 +25,9 @@ so are credentials and endpoints (`AWS_*`, `FSSPEC_S3_ENDPOINT_URL`): the config
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -40,6 +42,11 @@ from fsa_distill.locks import LeaseLockManager, is_url, lock_manager
 
 if TYPE_CHECKING:
     from prefect.filesystems import WritableFileSystem
+
+log = logging.getLogger(__name__)
+#: Protocols whose exclusive create (`mode="create"`) is one atomic request: S3 (`If-None-Match`),
+#: and the in-memory filesystem. fsspec's generic create elsewhere is a look, then a write.
+ATOMIC_CREATE = ("s3", "s3a", "memory")
 
 #: `<store>/.locks`: the lock files of the outputs being computed (`fsa_distill.locks`).
 LOCKS = ".locks"
@@ -126,7 +133,15 @@ class RemoteStore(Store):
         self.grace_s = float(os.environ.get("FSA_STORE_CACHE_GRACE_S", "900"))
         self._fetching: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
-        self._block: WritableFileSystem | None = None
+        self._blocks: dict[str, WritableFileSystem] = {}  # Prefect API URL -> the block saved there
+        self._saving = threading.Lock()
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        if not set(protocols) & set(ATOMIC_CREATE):
+            log.warning(
+                "store %s: %s has no atomic exclusive create, so two writers of one output (or lock) at the "
+                "same instant are not told apart; use it from one run at a time, or use S3",
+                self.url, "/".join(protocols),
+            )  # fmt: skip
 
     def _path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -191,14 +206,16 @@ class RemoteStore(Store):
                 prefix = self._path(f"{rel}/{gen}")
                 names = [p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file()]
                 names = [n for n in names if n != MANIFEST]
-                if names:
-                    self.fs.put([str(tmp / n) for n in names], [f"{prefix}/{n}" for n in names])
-                manifest = {**local, "gen": gen, "objects": self._objects(prefix)}
-                if set(manifest["objects"]) != set(names):
-                    raise StoreError(f"{self.location(rel)}: upload of generation {gen} is incomplete")
                 try:
-                    self.fs.pipe_file(self._path(f"{rel}/{MANIFEST}"), json.dumps(manifest).encode(), mode="create")
-                except FileExistsError:
+                    if names:
+                        self.fs.put([str(tmp / n) for n in names], [f"{prefix}/{n}" for n in names])
+                    manifest = {**local, "gen": gen, "objects": self._objects(prefix)}
+                    if set(manifest["objects"]) != set(names):
+                        raise StoreError(f"{self.location(rel)}: upload of generation {gen} is incomplete")
+                except BaseException:
+                    self._drop(prefix)  # no orphaned generation in the bucket
+                    raise
+                if not create_object(self.fs, self._path(f"{rel}/{MANIFEST}"), json.dumps(manifest).encode()):
                     self._drop(prefix)
                     winner = self.verify(rel)
                     if winner is not None:
@@ -215,12 +232,20 @@ class RemoteStore(Store):
             self.fs.rm(prefix, recursive=True)
 
     def _remove_stale(self, rel: str) -> None:
-        """Remove a manifest whose files are gone or edited, and what is left of its generation."""
+        """Remove a manifest whose files are gone or edited, and what is left of its generation.
+
+        It is read again just before: a manifest another writer published meanwhile (a new
+        generation, complete) is left alone.
+        """
         manifest = self.manifest(rel)
+        if manifest is None or self.verify(rel) is not None:
+            return
+        again = self.manifest(rel)
+        if again is None or again.get("gen") != manifest.get("gen"):
+            return
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self._path(f"{rel}/{MANIFEST}"))
-        if manifest is not None:
-            self._drop(self._path(f"{rel}/{manifest['gen']}"))
+        self._drop(self._path(f"{rel}/{manifest['gen']}"))
 
     # -- local copies -----------------------------------------------------------------------------
 
@@ -250,10 +275,27 @@ class RemoteStore(Store):
         with self._guard:
             lock = self._fetching.setdefault(art.sha256, threading.Lock())
         with lock:  # two stages needing one input fetch it once
-            if not (final / _COMPLETE).exists():
+            while True:
+                with self._cache_lock(fcntl.LOCK_SH):  # no eviction between the look and the touch
+                    try:
+                        os.utime(final / _COMPLETE)  # recently used: evicted last
+                        break
+                    except FileNotFoundError:
+                        pass
                 self._fetch(art, final)
-            os.utime(final / _COMPLETE)  # recently used: evicted last
         return art.model_copy(update={"path": str(final)})
+
+    @contextlib.contextmanager
+    def _cache_lock(self, mode: int) -> Any:
+        """The cache's lock across processes: shared to use a copy, exclusive to evict."""
+        root = self.cache / "objects"
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / ".evict.lock", "a") as handle:
+            fcntl.flock(handle, mode)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _fetch(self, art: Artifact, final: Path) -> None:
         manifest = self.manifest(art.rel)
@@ -290,24 +332,37 @@ class RemoteStore(Store):
         self._evict(keep=final)
 
     def _evict(self, keep: Path) -> None:
-        """Remove least recently used copies until the cache is within its bound (see module doc)."""
+        """Remove least recently used copies until the cache is within its bound (see module doc).
+
+        Under the cache's exclusive lock (processes that share the cache take turns, and no copy is
+        touched meanwhile); a copy is renamed aside before it is removed, so no reader finds half.
+        """
         root = self.cache / "objects"
-        entries = []
-        for entry in root.iterdir():
-            marker = entry / _COMPLETE
-            if entry.name.startswith(".") or not marker.exists():
-                continue
-            size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
-            entries.append((marker.stat().st_mtime, size, entry))
-        total = sum(size for _, size, _ in entries)
-        now = time.time()
-        for used, size, entry in sorted(entries):
-            if total <= self.cache_bytes:
-                return
-            if entry == keep or now - used < self.grace_s:
-                continue
-            shutil.rmtree(entry, ignore_errors=True)
-            total -= size
+        with self._cache_lock(fcntl.LOCK_EX):
+            entries = []
+            for entry in root.iterdir():
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    used = (entry / _COMPLETE).stat().st_mtime
+                    size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+                except FileNotFoundError:  # half fetched, or going
+                    continue
+                entries.append((used, size, entry))
+            total = sum(size for _, size, _ in entries)
+            now = time.time()
+            for used, size, entry in sorted(entries):
+                if total <= self.cache_bytes:
+                    return
+                if entry == keep or now - used < self.grace_s:
+                    continue
+                aside = root / f".{entry.name}.{uuid.uuid4().hex}.evicted"
+                try:
+                    os.rename(entry, aside)
+                except FileNotFoundError:
+                    continue
+                shutil.rmtree(aside, ignore_errors=True)
+                total -= size
 
     def locks(self) -> LeaseLockManager:
         return lock_manager(self.location(LOCKS))
@@ -319,8 +374,11 @@ class RemoteStore(Store):
         is saved once per process as `fsa-store-<hash of the URL>`; it holds the URL, never
         credentials (each machine's environment has those).
         """
-        with self._guard:
-            if self._block is None:
+        from prefect.settings import get_current_settings
+
+        api = str(get_current_settings().api.url or "ephemeral")
+        with self._saving:  # once per Prefect API this process talks to (a block id is per server)
+            if api not in self._blocks:
                 import hashlib
 
                 from prefect.filesystems import RemoteFileSystem
@@ -328,8 +386,25 @@ class RemoteStore(Store):
                 block = RemoteFileSystem(basepath=self.location(RECORDS))
                 name = "fsa-store-" + hashlib.sha256(self.url.encode()).hexdigest()[:16]
                 block.save(name, overwrite=True)
-                self._block = block
-            return self._block
+                self._blocks[api] = block
+            return self._blocks[api]
+
+
+def create_object(fs: Any, path: str, data: bytes) -> bool:
+    """Create `path` with `data` unless it exists (one conditional PUT on S3); False when it existed.
+
+    S3 answers a lost race with 412 (FileExistsError in s3fs), or, for two conditional writes in
+    flight at once, 409 ConditionalRequestConflict: also a lost race.
+    """
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if "ConditionalRequestConflict" in str(exc) or "409" in str(exc):
+            return False
+        raise
+    return True
 
 
 def _etag(info: dict[str, Any]) -> str | None:

@@ -140,7 +140,8 @@ def finetune(
     if trainer is None:
         train(**job)
     else:
-        launch("finetune", f"{__name__}:train", {**job, "trainer": trainer}, trainer, scratch / "ddp")
+        with TRAIN_LOCK:  # one training at a time per process, on the same devices, as in-process
+            launch("finetune", f"{__name__}:train", {**job, "trainer": trainer}, trainer, scratch / "ddp")
 
 
 def train(out: str, scratch: str, data: str, student: str, seed: int, ft: dict[str, Any],

@@ -234,7 +234,8 @@ def pretrain(out: Path, *, scratch: Path, student: Artifact, corpus: Artifact, o
     if trainer is None:
         train(**job)
     else:
-        launch("pretrain", f"{__name__}:train", {**job, "trainer": trainer}, trainer, scratch / "ddp")
+        with TRAIN_LOCK:  # one training at a time per process, on the same devices, as in-process
+            launch("pretrain", f"{__name__}:train", {**job, "trainer": trainer}, trainer, scratch / "ddp")
 
 
 def train(out: str, scratch: str, student: str, corpus: str, objective: str, cfg: dict[str, Any],

@@ -33,6 +33,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -57,6 +58,7 @@ if TYPE_CHECKING:  # Prefect is imported only where tasks are built, so `Stage.r
     from prefect.task_runners import TaskRunner
 
 StageFn = Callable[..., None]
+_log = logging.getLogger("fsa_distill.stage")
 #: `measured/ran_on.json` in every output: which process computed it (outside the content hash).
 RAN_ON = f"{MEASURED}/ran_on.json"
 #: `publish` is the store's first-writer-wins move of a finished folder (kept under this name).
@@ -206,7 +208,10 @@ class Stage:
                 return existing
             return self._compute(st, key, st.bind(params))
         finally:
-            locks.release_lock(lock, holder)
+            try:
+                locks.release_lock(lock, holder)
+            except ValueError:  # taken over while we stalled past the lease: the output is published anyway
+                _log.warning("stage %s: lock %s was taken over before it was released", self.name, lock)
 
     def _compute(self, store: Store, key: str, params: dict[str, Any]) -> Artifact:
         rel = f"{self.name}/{key}"

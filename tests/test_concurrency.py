@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import threading
@@ -83,6 +84,14 @@ def test_a_lock_whose_holder_was_killed_on_this_host_is_taken_over_at_once(tmp_p
     assert holder.stdout.readline().strip() == "held"
     waiter = LeaseLockManager(tmp_path, lease_s=60.0, poll_s=0.05)
     assert not waiter.acquire_lock("k", "next", acquire_timeout=0.5)  # alive: it waits
+    # the same host name in another pid namespace (a container with host networking): its pids say
+    # nothing here, so only the lease can free its lock
+    other = LeaseLockManager(tmp_path / "other")
+    path = other.path("k")
+    path.parent.mkdir(parents=True)
+    info = {"holder": "there", "host": socket.gethostname(), "machine": "elsewhere", "pid": holder.pid + 10**6}
+    path.write_text(json.dumps(info))
+    assert not LeaseLockManager(tmp_path / "other", poll_s=0.05).acquire_lock("k", "here", acquire_timeout=0.5)
     holder.kill()
     holder.wait()
     started = time.monotonic()

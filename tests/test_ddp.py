@@ -194,6 +194,8 @@ def test_a_global_batch_that_does_not_split_is_a_config_error():
         compose_config(["teacher=vllm", "+teacher.vllm_args.tensor_parallel_size=0"])
     assert per_device_batch(16, {"devices": 4, "nodes": 2}, "pretrain.batch_size") == 2
     compose_config(["trainer.devices=2", "trainer.nodes=2", "trainer.rdzv_endpoint=node0:29400"])  # 16 / 4
+    with pytest.raises(ValueError, match=r"store\.url=s3://b/p is not one"):  # other nodes cannot read a bucket's
+        compose_config(["trainer.nodes=2", "trainer.rdzv_endpoint=node0:29400", "store.url=s3://b/p"])  # local copies
 
 
 def test_only_the_world_size_is_keyed():

@@ -39,9 +39,10 @@ KEY_ENV = "FSA_TEST_TEACHER_KEY"
 STALL_S = 10.0  # longer than the client timeout below
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(tmp_path_factory) -> Iterator[str]:
-    """`vllm serve` of the converted SmolLM2 on a free port; yields its base URL (no /v1)."""
+    """`vllm serve` of the converted SmolLM2 on a free port; yields its base URL (no /v1). One for the
+    session: test_teacher_sentiment_openai uses it too, and each start costs half a minute."""
     if VLLM_PYTHON is None:
         pytest.skip("no vllm environment (FSA_VLLM_PYTHON or .venv-vllm): create it with scripts/setup_vllm_env.sh")
     folder = resolve_model(SMOLLM2)

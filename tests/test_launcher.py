@@ -108,13 +108,19 @@ def test_flow_env_carries_the_cli_settings_but_no_credentials(tmp_path, monkeypa
     monkeypatch.delenv("PREFECT_LOCAL_STORAGE_PATH", raising=False)
     monkeypatch.setenv("FSA_REVIEWS_ROOT", "/data/reviews")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # set here: wins over the default, as with the CLI
-    for secret in ("HF_TOKEN", "OPENAI_API_KEY", "MLFLOW_TRACKING_PASSWORD", "FSSPEC_S3_SECRET", "FSA_API_KEY"):
+    secrets = ("HF_TOKEN", "OPENAI_API_KEY", "MLFLOW_TRACKING_PASSWORD", "FSSPEC_S3_SECRET", "FSA_API_KEY",
+               "FSA_APIKEY", "FSSPEC_S3_CLIENT_KWARGS", "FSSPEC_ABFS_CONNECTION_STRING")  # fmt: skip
+    for secret in secrets:
         monkeypatch.setenv(secret, "s3cr3t")
+    monkeypatch.setenv("FSSPEC_S3", '{"key": "k", "secret": "s3cr3t"}')  # fsspec: a protocol's keywords as JSON
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://me:s3cr3t@mlflow.example")
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", "http://127.0.0.1:9000")
     env = flow_env(tmp_path)
     assert env["PREFECT_LOCAL_STORAGE_PATH"] == str(tmp_path / "prefect" / "results")
     assert env["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] == "true" and env["TOKENIZERS_PARALLELISM"] == "false"
     assert env["FSA_REVIEWS_ROOT"] == "/data/reviews" and env["HF_HUB_OFFLINE"] == "0"
-    assert "s3cr3t" not in env.values()
+    assert not [value for value in env.values() if "s3cr3t" in value]
+    assert env["FSSPEC_S3_ENDPOINT_URL"] == "http://127.0.0.1:9000"  # not a credential: it goes along
     assert "PREFECT_HOME" not in env and "PREFECT_API_URL" not in env
 
 
