@@ -67,6 +67,15 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture
+def harness_env(prefect_harness) -> dict[str, str]:
+    """This process's environment pointed at the session's Prefect API, for the CLI runs a test
+    starts: each would otherwise start a temporary server of its own (about 15 s on 2 cores)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real S3-compatible server (moto's server mode) on 127.0.0.1, for the session.

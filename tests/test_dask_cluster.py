@@ -43,14 +43,16 @@ def _f1(result: dict) -> str:
 
 
 @pytest.mark.slow
-def test_the_flow_runs_on_a_running_dask_cluster_and_its_workers_share_the_cache(tmp_path, s3_url):
+def test_the_flow_runs_on_a_running_dask_cluster_and_its_workers_share_the_cache(tmp_path, s3_url, harness_env):
     import fsspec
     from distributed import Client
 
     dask = os.path.join(os.path.dirname(sys.executable), "dask")
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
+    # a Prefect server the flows and workers report to, as on a cluster (the session's, started once)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_API_URL"] = harness_env["PREFECT_API_URL"]
     env["FSA_PROGRESS_INTERVAL_S"] = "60"
     env["FSA_STORE_CACHE"] = str(tmp_path / "flow-cache")  # the flow's machine: its own copies too
     scheduler = [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]
@@ -74,12 +76,12 @@ def test_the_flow_runs_on_a_running_dask_cluster_and_its_workers_share_the_cache
         client.wait_for_workers(2, timeout=120)
         client.get_task_stream()  # starts recording which worker ran what
         started = time.time()
+        # the flow on the cluster and the same config on the thread runner, side by side
+        threads = _start(shrunk(tmp_path / "threads", *SMALL, "finetune.seeds=[42,52]"), env)
         first = _result(_start(config, env))
         stream = client.get_task_stream(start=started)
-        # the rerun on the cluster and the same config on the thread runner, side by side
-        rerun = _start(config, env)
-        threads = _result(_start(shrunk(tmp_path / "threads", *SMALL, "finetune.seeds=[42,52]"), env))
-        again = _result(rerun)
+        again = _result(_start(config, env))  # the rerun, on the cluster
+        threads = _result(threads)
         client.close()
 
     ran_on = {record["worker"] for record in stream}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 
@@ -13,44 +11,34 @@ from mlflow.tracking import MlflowClient
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.conftest import shrunk
-from tests.servers import background, free_port, wait_http
+from tests.servers import background
 
 pytestmark = pytest.mark.slow
 
 
-def test_deployment_run_adds_its_overrides_to_the_served_ones(tmp_path):
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ)
-    env.update(
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_API_URL=api,
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
-    )
+def test_deployment_run_adds_its_overrides_to_the_served_ones(tmp_path, harness_env):
+    api = harness_env["PREFECT_API_URL"]  # a real server: the session's (a start of its own costs ~15 s)
+    env = dict(harness_env)
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "results"))
     workdir = tmp_path / "work"
-    prefect = shutil.which("prefect") or os.path.join(os.path.dirname(sys.executable), "prefect")
-    server_cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with background(server_cmd, env, tmp_path / "server.log") as server:
-        wait_http(f"{api}/health", 120, server, tmp_path / "server.log")
-        serve_cmd = [sys.executable, "-m", "fsa_distill.cli", "serve", "--name", "ci", *shrunk(workdir)]
-        with background(serve_cmd, env, tmp_path / "serve.log") as serve, temporary_settings({PREFECT_API_URL: api}):
-            from prefect.deployments import run_deployment
+    serve_cmd = [sys.executable, "-m", "fsa_distill.cli", "serve", "--name", "ci", *shrunk(workdir)]
+    with background(serve_cmd, env, tmp_path / "serve.log") as serve, temporary_settings({PREFECT_API_URL: api}):
+        from prefect.deployments import run_deployment
 
-            _wait_for_deployment("fsa-distill/ci", serve, tmp_path / "serve.log")
-            # the run sends only what it changes; the served (smoke) overrides stay, the run's win
-            parameters = {"overrides": ["finetune.learning_rate=0.002"], "choices": {"run_name": "from-deployment"}}
-            flow_run = run_deployment("fsa-distill/ci", parameters=parameters, timeout=600)
-            log = (tmp_path / "serve.log").read_text()
-            assert flow_run.state.is_completed(), f"{flow_run.state}\n{log[-4000:]}"
-            # named from its config, not random words; the form offers the common choices
-            assert flow_run.name.startswith("from-deployment") and "finetune.learning_rate=0.002" in flow_run.name
-            from prefect.client.orchestration import get_client
+        _wait_for_deployment("fsa-distill/ci", serve, tmp_path / "serve.log")
+        # the run sends only what it changes; the served (smoke) overrides stay, the run's win
+        parameters = {"overrides": ["finetune.learning_rate=0.002"], "choices": {"run_name": "from-deployment"}}
+        flow_run = run_deployment("fsa-distill/ci", parameters=parameters, timeout=600)
+        log = (tmp_path / "serve.log").read_text()
+        assert flow_run.state.is_completed(), f"{flow_run.state}\n{log[-4000:]}"
+        # named from its config, not random words; the form offers the common choices
+        assert flow_run.name.startswith("from-deployment") and "finetune.learning_rate=0.002" in flow_run.name
+        from prefect.client.orchestration import get_client
 
-            with get_client(sync_client=True) as client:
-                deployment = client.read_deployment_by_name("fsa-distill/ci")
-            form = deployment.parameter_openapi_schema["properties"]
-            assert {"overrides", "choices", "base_overrides"} <= set(form)
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name("fsa-distill/ci")
+        form = deployment.parameter_openapi_schema["properties"]
+        assert {"overrides", "choices", "base_overrides"} <= set(form)
 
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     exp = client.get_experiment_by_name("fsa-distill")

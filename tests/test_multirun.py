@@ -14,12 +14,12 @@ from tests.conftest import shrunk
 pytestmark = pytest.mark.slow
 
 
-def test_multirun_sweeps_seeds_and_shares_stages(tmp_path):
+def test_multirun_sweeps_seeds_and_shares_stages(tmp_path, harness_env):
     workdir = tmp_path / "work"
     overrides = [o for o in shrunk(workdir) if not o.startswith("finetune.seeds")]
     out = subprocess.run(
         [sys.executable, "-m", "fsa_distill.cli", "run", "-m", "finetune.seed=42,52", *overrides],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=harness_env,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-4000:]
     log = out.stdout + out.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -210,11 +209,11 @@ def test_tee_passes_output_through_and_keeps_the_result_line():
 
 
 @pytest.mark.slow
-def test_train_fraction_multirun_reuses_upstream_stages_and_writes_the_sweep_report(tmp_path):
+def test_train_fraction_multirun_reuses_upstream_stages_and_writes_the_sweep_report(tmp_path, harness_env):
     workdir = tmp_path / "work"
     out = subprocess.run(
         [sys.executable, "-m", "fsa_distill.cli", "run", "-m", "finetune.train_fraction=0.5,1.0", *shrunk(workdir)],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "FSA_WORKDIR": str(workdir)},
+        capture_output=True, text=True, timeout=900, env={**harness_env, "FSA_WORKDIR": str(workdir)},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-4000:]
     store = workdir / "artifacts"
