@@ -14,6 +14,7 @@ import email.utils
 import http.client
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -39,10 +40,10 @@ KEY_ENV = "FSA_TEST_TEACHER_KEY"
 STALL_S = 10.0  # longer than the client timeout below
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[str]:
-    """`vllm serve` of the converted SmolLM2 on a free port; yields its base URL (no /v1). One for the
-    session: test_teacher_sentiment_openai uses it too, and each start costs half a minute."""
+    """`vllm serve` of the converted SmolLM2 on a free port; yields its base URL (no /v1). Its tests
+    are in this module (a start costs half a minute, and an idle vLLM server still takes CPU)."""
     if VLLM_PYTHON is None:
         pytest.skip("no vllm environment (FSA_VLLM_PYTHON or .venv-vllm): create it with scripts/setup_vllm_env.sh")
     folder = resolve_model(SMOLLM2)
@@ -402,3 +403,16 @@ def test_real_server_without_faults_matches_offline_prompt_accounting(tmp_path, 
         ]
         rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert row["prompt_tokens"] == len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+def test_the_vllm_openai_server_returns_logprobs(tmp_path, server):
+    """The sentiment teacher stage (tests/test_teacher_sentiment_openai.py) against the real server."""
+    from tests.test_teacher_sentiment_openai import N, config, run_stage
+
+    cfg = config(tmp_path, server + "/v1", f"teacher.model={SMOLLM2}", "teacher.timeout_s=120")
+    metrics, rows, folder = run_stage(tmp_path / "store", cfg)
+    assert metrics["method"] == "logprobs" and metrics["n"] == N and metrics["n_logprobs"] == N
+    assert all(len(r["scores"]) == 2 and max(r["scores"]) > -math.inf for r in rows)
+    assert all(r["prediction"] in ("negative", "positive") for r in rows) and metrics["invalid"] == 0
+    stats = json.loads((folder / "measured" / "label_logprobs.json").read_text())
+    assert stats["with_logprobs"] == N and stats["errors"] == 0

@@ -22,10 +22,8 @@ from fsa_distill.tasks.teacher_sentiment import teacher_sentiment
 from fsa_distill.tasks.teachers.openai_compat import TOP_LOGPROBS, label_scores, parse_top_logprobs
 
 from fsa_distill.config import compose_config
-from fsa_distill.llm import SMOLLM2
 from tests.conftest import shrunk
-from tests.test_generate_openai import proxy_factory, server  # noqa: F401  (fixtures)
-from tests.test_generate_vllm import needs_vllm
+from tests.test_generate_openai import proxy_factory  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.slow]
 N = 6
@@ -219,14 +217,3 @@ def test_a_label_word_missing_from_the_top_tokens_falls_back(tmp_path, stubs, mo
     assert metrics["method"] == "logprobs+generate_match" and metrics["n_generate_match"] == n_positive
     assert metrics["n_no_logprobs"] == 0 and metrics["accuracy"] == 1.0
     assert all((r["scores"] == []) == (r["gold"] == "positive") for r in rows)
-
-
-@needs_vllm
-def test_the_vllm_openai_server_returns_logprobs(tmp_path, server):  # noqa: F811
-    cfg = config(tmp_path, server + "/v1", f"teacher.model={SMOLLM2}", "teacher.timeout_s=120")
-    metrics, rows, folder = run_stage(tmp_path / "store", cfg)
-    assert metrics["method"] == "logprobs" and metrics["n"] == N and metrics["n_logprobs"] == N
-    assert all(len(r["scores"]) == 2 and max(r["scores"]) > -math.inf for r in rows)
-    assert all(r["prediction"] in ("negative", "positive") for r in rows) and metrics["invalid"] == 0
-    stats = json.loads((folder / "measured" / "label_logprobs.json").read_text())
-    assert stats["with_logprobs"] == N and stats["errors"] == 0
