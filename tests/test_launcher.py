@@ -23,7 +23,7 @@ import pytest
 
 from fsa_distill import ROOT
 from tests.conftest import shrunk
-from tests.servers import background, free_port, wait_http
+from tests.servers import background
 
 #: What keeps the flow small: no teacher evaluations, one dataset (each run ~15 s of flow time).
 SMALL = ["teacher_eval.enabled=false", "zeroshot.enabled=false", "data.datasets=[acsa/rest16]"]
@@ -204,55 +204,51 @@ def _clean_env(tmp_path: Path, name: str, api: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_sweep_runs_as_parallel_flow_runs_of_a_deployment_on_two_workers(tmp_path):
+def test_sweep_runs_as_parallel_flow_runs_of_a_deployment_on_two_workers(tmp_path, harness_env):
     started = time.monotonic()
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
+    api = harness_env["PREFECT_API_URL"]  # a real server, the session's (a start of its own costs ~15 s)
     pool = "fsa-test"
-    server_env = _clean_env(tmp_path, "server", api)
-    with background([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_env,
-                    tmp_path / "server.log") as server:  # fmt: skip
-        wait_http(f"{api}/health", 120, server, tmp_path / "server.log")
-        _create_process_pool(pool, api)
-        logs = [tmp_path / f"worker{i}.log" for i in (1, 2)]
-        worker_cmd = [PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"]
-        with (
-            background([*worker_cmd, "--name", "w1"], _clean_env(tmp_path, "w1", api), logs[0], cwd=tmp_path),
-            background([*worker_cmd, "--name", "w2"], _clean_env(tmp_path, "w2", api), logs[1], cwd=tmp_path),
-        ):
-            # the deployment, made where the user works: a relative workdir is pinned absolute
-            cli_env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "home-cli")}
-            cli_env.pop("PREFECT_LOCAL_STORAGE_PATH", None)  # the deployment's default: <workdir>/prefect/results
-            cli_env.pop("FSA_WORKDIR", None)
-            # runner.gpu_limit=1: one GPU here, so at most one gpu-tagged stage at a time across both runs
-            base = [*shrunk(Path("work")), *SMALL, "runner.gpu_limit=1"]
-            deploy = subprocess.run(
-                [sys.executable, "-m", "fsa_distill.cli", "deploy", "--pool", pool, "--name", "ci", *base],
-                cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=120,
-            )  # fmt: skip
-            assert deploy.returncode == 0, deploy.stderr[-3000:]
-            _wait_for_workers(pool, api, 2, logs)
-            deployed = time.monotonic()
-            sweep = subprocess.run(
-                [sys.executable, "-m", "fsa_distill.cli", "run", "-m", "finetune.seed=42,52", "workdir=work",
-                 "hydra/launcher=prefect", "hydra.launcher.deployment=fsa-distill/ci", "hydra.launcher.poll_s=1",
-                 "--wait"],
-                cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300,
-            )  # fmt: skip
-            swept = time.monotonic()
-            worker_logs = [log.read_text() for log in logs]
-            assert sweep.returncode == 0, sweep.stderr[-3000:] + "\n".join(w[-2000:] for w in worker_logs)
-            deployment, runs, claimed, gpu_tasks, gpu_limit = _deployment_and_runs("fsa-distill/ci", api)
-            # a run that fails (its student checkpoint does not exist) is named, with its flow run; the other completes
-            failing = subprocess.run(
-                [sys.executable, "-m", "fsa_distill.cli", "run", "-m", "finetune.seed=42", "workdir=work",
-                 f"student.pretrained={tmp_path / 'no-such-model'},null",
-                 "hydra/launcher=prefect", "hydra.launcher.deployment=fsa-distill/ci", "hydra.launcher.poll_s=1",
-                 "--wait"],
-                cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300,
-            )  # fmt: skip
-            failed_at = time.monotonic()
-        _, all_runs, *_ = _deployment_and_runs("fsa-distill/ci", api)
+    _create_process_pool(pool, api)
+    logs = [tmp_path / f"worker{i}.log" for i in (1, 2)]
+    worker_cmd = [PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"]
+    with (
+        background([*worker_cmd, "--name", "w1"], _clean_env(tmp_path, "w1", api), logs[0], cwd=tmp_path),
+        background([*worker_cmd, "--name", "w2"], _clean_env(tmp_path, "w2", api), logs[1], cwd=tmp_path),
+    ):
+        # the deployment, made where the user works: a relative workdir is pinned absolute
+        cli_env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "home-cli")}
+        cli_env.pop("PREFECT_LOCAL_STORAGE_PATH", None)  # the deployment's default: <workdir>/prefect/results
+        cli_env.pop("FSA_WORKDIR", None)
+        # runner.gpu_limit=1: one GPU here, so at most one gpu-tagged stage at a time across both runs
+        # (a tag of this test's own: the limit stays on the session's server)
+        base = [*shrunk(Path("work")), *SMALL, "runner.gpu_limit=1", f"runner.gpu_tag={GPU_TAG}"]
+        deploy = subprocess.run(
+            [sys.executable, "-m", "fsa_distill.cli", "deploy", "--pool", pool, "--name", "launcher-ci", *base],
+            cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert deploy.returncode == 0, deploy.stderr[-3000:]
+        _wait_for_workers(pool, api, 2, logs)
+        deployed = time.monotonic()
+        sweep = subprocess.run(
+            [sys.executable, "-m", "fsa_distill.cli", "run", "-m", "finetune.seed=42,52", "workdir=work",
+             "hydra/launcher=prefect", "hydra.launcher.deployment=fsa-distill/launcher-ci", "hydra.launcher.poll_s=1",
+             "--wait"],
+            cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        swept = time.monotonic()
+        worker_logs = [log.read_text() for log in logs]
+        assert sweep.returncode == 0, sweep.stderr[-3000:] + "\n".join(w[-2000:] for w in worker_logs)
+        deployment, runs, claimed, gpu_tasks, gpu_limit = _deployment_and_runs("fsa-distill/launcher-ci", api)
+        # a run that fails (its student checkpoint does not exist) is named, with its flow run; the other completes
+        failing = subprocess.run(
+            [sys.executable, "-m", "fsa_distill.cli", "run", "-m", "finetune.seed=42", "workdir=work",
+             f"student.pretrained={tmp_path / 'no-such-model'},null",
+             "hydra/launcher=prefect", "hydra.launcher.deployment=fsa-distill/launcher-ci", "hydra.launcher.poll_s=1",
+             "--wait"],
+            cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        failed_at = time.monotonic()
+    _, all_runs, *_ = _deployment_and_runs("fsa-distill/launcher-ci", api)
 
     workdir = tmp_path / "work"
     # the deployment: module-path entrypoint, the pool, the workdir pinned, the CLI's settings as job env
@@ -285,7 +281,7 @@ def test_sweep_runs_as_parallel_flow_runs_of_a_deployment_on_two_workers(tmp_pat
     assert sorted(seeds_seen, key=sorted) == [{"42"}, {"52"}], seeds_seen
     assert any((workdir / "prefect" / "results").iterdir())  # results where the deployment's env put them
 
-    # the GPU gate: the `gpu` tag's limit is 1 and no two gpu-tagged stages ran at once, in any run
+    # the GPU gate: the GPU tag's limit is 1 and no two gpu-tagged stages ran at once, in any run
     assert gpu_limit == 1
     ran = sorted((t.start_time, t.end_time, t.name, t.flow_run_id) for t in gpu_tasks if t.start_time and t.end_time)
     assert {flow_run_id for *_, flow_run_id in ran} == {r.id for r in runs}, ran  # both runs had GPU stages
@@ -313,7 +309,7 @@ def test_sweep_runs_as_parallel_flow_runs_of_a_deployment_on_two_workers(tmp_pat
     assert failing.returncode == 1, failing.stderr[-3000:]
     failed = [r for r in all_runs if r.state.is_failed()]
     assert len(all_runs) == 4 and len(failed) == 1, [r.state for r in all_runs]
-    message = failing.stderr.split("1 of 2 flow runs of deployment fsa-distill/ci did not complete:", 1)[-1]
+    message = failing.stderr.split("1 of 2 flow runs of deployment fsa-distill/launcher-ci did not complete:", 1)[-1]
     named = re.search(rf"#0 .*student\.pretrained={tmp_path / 'no-such-model'}: flow run {failed[0].id} ended Failed",
                       message)  # fmt: skip
     assert named, failing.stderr[-3000:]
@@ -354,6 +350,9 @@ def _wait_for_workers(pool: str, api: str, count: int, logs: list[Path], timeout
     raise TimeoutError("workers did not come online:\n" + "\n".join(log.read_text()[-2000:] for log in logs))
 
 
+GPU_TAG = "gpu-launcher-test"
+
+
 def _deployment_and_runs(name: str, api: str) -> tuple:
     """The deployment, its flow runs, when a worker took each run (its Pending state), their task runs
     tagged `gpu`, and the `gpu` tag's concurrency limit."""
@@ -377,7 +376,7 @@ def _deployment_and_runs(name: str, api: str) -> tuple:
         }
         gpu_tasks = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id for run in runs])),
-            task_run_filter=TaskRunFilter(tags=TaskRunFilterTags(all_=["gpu"])),
+            task_run_filter=TaskRunFilter(tags=TaskRunFilterTags(all_=[GPU_TAG])),
         )
-        limit = client.read_concurrency_limit_by_tag("gpu").concurrency_limit
+        limit = client.read_concurrency_limit_by_tag(GPU_TAG).concurrency_limit
     return deployment, runs, claimed, gpu_tasks, limit
