@@ -325,6 +325,21 @@ def join_command(trainer: Mapping[str, Any], job: Path, node_rank: int) -> str:
     return " ".join([sys.executable, "-m", "torch.distributed.run", *torchrun_args(trainer, job, node_rank)])
 
 
+def train_stage(
+    what: str, train: Callable[..., None], job: dict[str, Any], trainer: Mapping[str, Any] | None, scratch: Path
+) -> None:
+    """A training stage's `train(**job)`: in this process without a `trainer`, else on every rank of a
+    torchrun launch. Either way one training at a time per process (the Trainer's state is per
+    process, and launches on one machine would share its devices)."""
+    if trainer is None:
+        train(**job)
+        return
+    from fsa_distill.models import TRAIN_LOCK
+
+    with TRAIN_LOCK:
+        launch(what, f"{train.__module__}:{train.__name__}", {**job, "trainer": trainer}, trainer, scratch / "ddp")
+
+
 def launch(what: str, target: str, kwargs: dict[str, Any], trainer: Mapping[str, Any], folder: Path) -> None:
     """Train `target(**kwargs)` on every rank of a torchrun launch and wait for it.
 

@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 PATH_KEYS = ("workdir", "data.source", "reviews.root", "sentiment.source")
 #: Environment variables a deployment passes to its runs besides `configure`'s defaults...
 PASSED_PREFIXES = ("FSA_", "HF_", "MLFLOW_", "FSSPEC_", "PREFECT_LOGGING_")
+#: The data folders set by environment (as `data.source` and friends): made absolute for the runs.
+SOURCE_VARIABLES = ("FSA_DATA_SOURCE", "FSA_REVIEWS_ROOT", "FSA_SENTIMENT_SOURCE")
 #: ...except credentials: job variables are stored in Prefect's database and shown in its UI.
 SECRET_NAME = re.compile(
     r"(^|_)(KEYS?|APIKEY|SECRETS?|TOKENS?|PASSWORD|PASS|CREDENTIALS?|AUTH|KWARGS|CONNECTION_STRING)(_|$)"
@@ -472,6 +474,9 @@ def flow_env(workdir: Path) -> dict[str, str]:
     for key, value in os.environ.items():
         if key.startswith(PASSED_PREFIXES) and not SECRET_NAME.search(key) and not SECRET_VALUE.search(value):
             env[key] = value
+    for key in SOURCE_VARIABLES:  # runs start in another directory: a relative folder means this one
+        if env.get(key) and "://" not in env[key] and not Path(env[key]).is_absolute():
+            env[key] = str(Path(env[key]).resolve())
     return env
 
 

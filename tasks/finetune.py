@@ -35,10 +35,10 @@ from transformers import (
 from fsa_distill.artifacts import Artifact
 from fsa_distill.ddp import (
     distributed,
-    launch,
     per_device_batch,
     relay_callbacks,
     token_mean_loss,
+    train_stage,
     training_arguments,
     training_stage,
 )
@@ -137,11 +137,7 @@ def finetune(
     With a `trainer` (devices x nodes > 1), data-parallel in torchrun ranks (`fsa_distill.ddp`)."""
     job = {"out": str(out), "scratch": str(scratch), "data": data.path, "student": student.path, "seed": seed,
            "ft": finetune, "generation": generation, "resume": last_checkpoint(scratch)}  # fmt: skip
-    if trainer is None:
-        train(**job)
-    else:
-        with TRAIN_LOCK:  # one training at a time per process, on the same devices, as in-process
-            launch("finetune", f"{__name__}:train", {**job, "trainer": trainer}, trainer, scratch / "ddp")
+    train_stage("finetune", train, job, trainer, scratch)
 
 
 def train(out: str, scratch: str, data: str, student: str, seed: int, ft: dict[str, Any],

@@ -37,10 +37,10 @@ from transformers import DataCollatorForSeq2Seq, PrinterCallback, Seq2SeqTrainer
 from fsa_distill.artifacts import Artifact
 from fsa_distill.ddp import (
     distributed,
-    launch,
     per_device_batch,
     relay_callbacks,
     token_mean_loss,
+    train_stage,
     training_arguments,
     training_stage,
 )
@@ -231,11 +231,7 @@ def pretrain(out: Path, *, scratch: Path, student: Artifact, corpus: Artifact, o
     job = {"out": str(out), "scratch": str(scratch), "student": student.path, "corpus": corpus.path,
            "objective": objective, "cfg": pretrain, "corpus_size": corpus_size,
            "resume": last_checkpoint(scratch)}  # fmt: skip
-    if trainer is None:
-        train(**job)
-    else:
-        with TRAIN_LOCK:  # one training at a time per process, on the same devices, as in-process
-            launch("pretrain", f"{__name__}:train", {**job, "trainer": trainer}, trainer, scratch / "ddp")
+    train_stage("pretrain", train, job, trainer, scratch)
 
 
 def train(out: str, scratch: str, student: str, corpus: str, objective: str, cfg: dict[str, Any],

@@ -22,6 +22,8 @@ SESSION_DIR = Path(tempfile.mkdtemp(prefix="fsa-tests-"))
 atexit.register(shutil.rmtree, SESSION_DIR, ignore_errors=True)
 os.environ.setdefault("FSA_DATA_SOURCE", str((ROOT.parent / "shared" / "data" / "fsa-distillation").resolve()))
 os.environ.setdefault("FSA_SENTIMENT_SOURCE", str((ROOT.parent / "shared" / "data" / "sentiment").resolve()))
+for _key in ("FSA_DATA_SOURCE", "FSA_SENTIMENT_SOURCE"):  # tests start runs in other directories
+    os.environ[_key] = str(Path(os.environ[_key]).resolve())
 os.environ["FSA_WORKDIR"] = str(SESSION_DIR / "work")
 configure(SESSION_DIR / "work")
 
