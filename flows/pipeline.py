@@ -53,9 +53,14 @@ from fsa_distill.redact import redact_config, redact_text
 from fsa_distill.store import open_store, store_url
 
 
-def make_runner(runner: dict[str, Any]) -> Any:
+def make_runner(runner: dict[str, Any], torch_threads: int = 0) -> Any:
     """The configured Prefect task runner: threads, a local Dask cluster of worker processes, or
-    the running Dask scheduler at `runner.address`."""
+    the running Dask scheduler at `runner.address`.
+
+    A local Dask worker gets as many torch threads as a stage of the thread runner (`torch_threads`,
+    or this process's torch default): Dask's nanny would start it with `OMP_NUM_THREADS=1`, which leaves all but one
+    core idle whenever one stage (pretraining, say) is all that can run.
+    """
     if runner["kind"] == "dask":
         from prefect_dask import DaskTaskRunner
 
@@ -63,9 +68,41 @@ def make_runner(runner: dict[str, Any]) -> Any:
             _check_reachable_api(runner["address"])
             return DaskTaskRunner(address=runner["address"])
         return DaskTaskRunner(
-            cluster_kwargs={"n_workers": runner["workers"], "threads_per_worker": 1, "processes": True}
+            cluster_class=local_cluster,
+            cluster_kwargs={"n_workers": runner["workers"], "torch_threads": torch_threads or _torch_threads()},
         )
     return ThreadPoolTaskRunner(max_workers=runner["workers"])
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def local_cluster(n_workers: int, torch_threads: int, **kwargs: Any) -> Any:
+    """A local Dask cluster of `n_workers` single-task worker processes with `torch_threads` threads each.
+
+    The thread count goes into the nanny's pre-spawn environment: a worker process imports torch as it
+    starts, so variables set after the spawn (LocalCluster's `env`) come too late.
+    """
+    import dask
+    from distributed import LocalCluster
+
+    threads = str(torch_threads)
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    before = {name: os.environ.get(name) for name in names}
+    # the nanny prefers this process's variables to its config (and leaves its own values behind)
+    os.environ.update({name: threads for name in names})
+    try:
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{name}": threads for name in names}):
+            return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, **kwargs)
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def gpu_limit(runner: dict[str, Any]) -> None:
@@ -205,7 +242,7 @@ def fsa_distill(
     wiring: Wiring | None = None
     try:
         tracker.client.log_text(parent, yaml.safe_dump(redact_config(cfg), sort_keys=False), "config.yaml")
-        with make_runner(cfg["runner"]) as runner:
+        with make_runner(cfg["runner"], cfg["torch_threads"]) as runner:
             wiring = Wiring(cfg, runner, store, RunTree(cfg, tracker, parent))
             result = wiring.run()
         ok = True

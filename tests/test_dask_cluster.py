@@ -117,3 +117,21 @@ def test_a_scheduler_elsewhere_needs_a_prefect_api_its_workers_reach(monkeypatch
     assert make_runner({"kind": "dask", "workers": 2, "address": "tcp://10.1.2.3:8786"})
     with pytest.raises(ValueError, match="a Dask scheduler address needs runner=dask"):
         validate(compose_config(["runner.address=tcp://127.0.0.1:8786"]))
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def test_local_dask_workers_get_the_torch_threads_of_a_thread_runner_stage():
+    """Dask's nanny starts workers with OMP_NUM_THREADS=1: a lone pretraining stage would use one core."""
+    from distributed import Client
+    from fsa_distill.flows.pipeline import make_runner
+
+    for threads, expected in ((1, 1), (0, _torch_threads())):
+        runner = make_runner({"kind": "dask", "workers": 1, "address": None}, torch_threads=threads)
+        cluster = runner.cluster_class(**runner.cluster_kwargs, dashboard_address=None)
+        with cluster, Client(cluster) as client:
+            assert set(client.run(_torch_threads).values()) == {expected}
