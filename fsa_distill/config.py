@@ -258,6 +258,15 @@ class PretrainConfig:
     bf16: bool = False
     group_by_length: bool = True
     save_steps: int = 100
+    # The optimizer and schedule: `adamw` + `cosine` (the embedded default), or the paper's
+    # `adamw_scale` (nanoT5's AdamWScale) + `paper` (LinearLR then cosine, as its torch 2.1 ran it).
+    optimizer: str = "adamw"  # adamw | adamw_scale
+    lr_schedule: str = "cosine"  # cosine | paper
+    # How hard the card works (README, "Paper-scale pretraining"); none changes the examples seen.
+    tf32: bool = False  # TF32 matmuls (CUDA)
+    torch_compile: bool = False
+    dataloader_workers: int = 0  # processes collating batches from the memory-mapped tokenised data
+    pad_to_multiple_of: int | None = None  # pad each batch's lengths up to a multiple of this
     noise_density: float = 0.15
     mean_span_length: float = 3.0
     seed: int = 42
@@ -428,6 +437,12 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ValueError("runner.gpu_limit must be at least 1 (Prefect aborts, not delays, runs at a limit of 0)")
     if not seeds(cfg):
         raise ValueError("finetune.seeds is empty")
+    recipe = cfg["pretrain"]
+    for key, known in (("optimizer", ("adamw", "adamw_scale")), ("lr_schedule", ("cosine", "paper"))):
+        if recipe[key] not in known:
+            raise ValueError(f"pretrain.{key}={recipe[key]!r} is not one of {', '.join(known)}")
+    if recipe["dataloader_workers"] < 0 or (recipe["pad_to_multiple_of"] or 1) < 1:
+        raise ValueError("pretrain.dataloader_workers must be >= 0 and pretrain.pad_to_multiple_of >= 1 (or null)")
     for objective in cfg["pretrain"]["objectives"]:
         if objective not in ("distill", "span_corruption"):
             raise ValueError(f"pretrain.objectives: unknown {objective!r}; known: distill, span_corruption")

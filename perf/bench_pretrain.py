@@ -22,7 +22,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from fsa_distill.tasks.acquire import acquire
-from fsa_distill.tasks.pretrain import _DropLength, build_dataset
 from fsa_distill.tasks.student import init_student
 from torch.utils.data import RandomSampler
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -30,6 +29,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from fsa_distill.artifacts import Artifact, seal
 from fsa_distill.config import compose_config
 from fsa_distill.models import load_seq2seq
+from fsa_distill.pretraining import _DropLength, build_dataset
 
 
 def mixtral_corpus(source: str, folder: Path) -> Artifact:

@@ -37,11 +37,11 @@ from fsa_distill.ddp import (
     distributed,
     per_device_batch,
     relay_callbacks,
-    token_mean_loss,
     train_stage,
     training_arguments,
     training_stage,
 )
+from fsa_distill.losses import token_mean_loss
 from fsa_distill.models import TRAIN_LOCK, last_checkpoint, load_seq2seq, write_log
 from fsa_distill.progress import ProgressCallback, write_log_times
 

@@ -15,12 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fsa_distill.tasks.acquire import acquire
-from fsa_distill.tasks.pretrain import build_dataset, newline_tokens, pretrain, random_spans_mask, span_corrupt
+from fsa_distill.tasks.pretrain import pretrain
 from fsa_distill.tasks.student import NEWLINE_TOKEN, init_student
 
 from fsa_distill.artifacts import Artifact, seal
 from fsa_distill.config import compose_config
 from fsa_distill.models import load_seq2seq, read_log
+from fsa_distill.pretraining import build_dataset, newline_tokens, random_spans_mask, span_corrupt
 from tests.conftest import DATA_SOURCE
 
 TINY = [

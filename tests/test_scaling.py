@@ -13,11 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fsa_distill.tasks.finetune import finetune, train_subset
-from fsa_distill.tasks.pretrain import corpus_rows, distill_pairs, pretrain, unique_reviews
+from fsa_distill.tasks.pretrain import pretrain
 from mlflow.tracking import MlflowClient
 
 from fsa_distill.artifacts import Artifact
 from fsa_distill.config import compose_config
+from fsa_distill.pretraining import corpus_rows, distill_pairs, unique_reviews
 from fsa_distill.sweep import _Tee, swept_keys, write_sweep_report
 from tests.conftest import shrunk
 
