@@ -647,6 +647,10 @@ def _progress_callback_class() -> type:
                 self._fields["loss"] = entry["loss"]
             if "learning_rate" in entry:
                 self._fields["lr"] = entry["learning_rate"]
+            if "tokens_per_second" in entry:  # pretraining: non-pad tokens/s and MFU next to it
+                self._fields["tokens/s"] = round(entry["tokens_per_second"])
+            if "mfu" in entry:
+                self._fields["MFU"] = f"{entry['mfu']:.1%}"
             metrics(history_metrics(entry), int(entry.get("step", state.global_step)), now)
 
         def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -14,7 +14,9 @@ released Mixtral outputs, review -> teacher text) through the pretraining stage'
 * `paper`: the paper's optimizer and schedule run the paper's way (20 x 5, no TF32, no workers):
   `tuned` must reach its loss (within bf16/TF32 rounding), at a higher rate;
 * `compile`, `pad64`: `tuned` with `torch.compile`, or with lengths padded to multiples of 64;
-* `grouped`: `compile` with length-grouped batches (less padding, a different batch order).
+* `grouped`: `compile` with length-grouped batches (less padding, a different batch order);
+* `default`, `default_scale`: the embedded default's recipe (batches of 16) with AdamW, and with the
+  paper's AdamWScale and schedule: run with `--warmup 0 --steps 200` (the default's length).
 
 Prints, per arm, non-pad tokens/s, optimizer steps/s, model FLOPs utilisation (`fsa_distill.mfu`:
 against the card's dense peak on CUDA; on a CPU against a measured fp32 matmul rate), the mean
@@ -65,6 +67,12 @@ ARMS["paper"] = {**ARMS["today"], "optimizer": "adamw_scale", "lr_schedule": "pa
 ARMS["compile"] = {**ARMS["tuned"], "torch_compile": True}
 ARMS["pad64"] = {**ARMS["tuned"], "pad_to_multiple_of": 64}
 ARMS["grouped"] = {**ARMS["compile"], "group_by_length": True}
+# The embedded default's recipe (conf/pretrain/default.yaml) with its AdamW, and with the paper's
+# optimizer and schedule: which trains the small student better (`--warmup 0 --steps 200`)?
+ARMS["default"] = {"batch_size": 16, "grad_accum": 1, "optimizer": "adamw", "lr_schedule": "cosine", "bf16": False,
+                   "tf32": False, "torch_compile": False, "dataloader_workers": 0, "pad_to_multiple_of": None,
+                   "group_by_length": True}  # fmt: skip
+ARMS["default_scale"] = {**ARMS["default"], "optimizer": "adamw_scale", "lr_schedule": "paper"}
 #: t5-base's shape (google-t5/t5-base), built from its config with random weights: throughput only.
 T5_BASE = {"d_model": 768, "d_ff": 3072, "d_kv": 64, "num_heads": 12, "num_layers": 12, "num_decoder_layers": 12,
            "vocab_size": 32128, "feed_forward_proj": "relu", "dropout_rate": 0.1}  # fmt: skip
@@ -120,6 +128,10 @@ class _Window(TrainerCallback):
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.trainer, self.start = warmup, None, None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.warmup == 0:
+            self.start = time.perf_counter()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step == self.warmup:

@@ -7,6 +7,7 @@ floor 1e-5, as the paper's torch 2.1 ran SequentialLR(LinearLR(0.5), CosineAnnea
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from fsa_distill.config import compose_config
 from fsa_distill.models import load_seq2seq
 from fsa_distill.optim import AdamWScale, paper_lr_factor, paper_schedule
 from fsa_distill.pretraining import NEWLINE_TOKEN, load_tokenized, make_trainer, recipe_args, tokenize_to_disk
+from fsa_distill.progress import ProgressCallback
 from tests.test_pretrain import mixtral_rows, setup  # noqa: F401  (the tiny student and 24 real teacher outputs)
 
 
@@ -122,9 +124,12 @@ def _trainer(setup, tmp_path: Path, **overrides):  # noqa: F811
     return trainer
 
 
-def test_trainer_uses_adamwscale_with_the_no_decay_group_and_the_paper_schedule(setup, tmp_path):  # noqa: F811
+def test_trainer_uses_adamwscale_with_the_no_decay_group_and_the_paper_schedule(setup, tmp_path, caplog):  # noqa: F811
     trainer = _trainer(setup, tmp_path, max_steps=4, batch_size=8, weight_decay=0.01)
-    trainer.train()
+    trainer.add_callback(ProgressCallback("pretrain"))
+    with caplog.at_level(logging.INFO, logger="fsa_distill.progress"):
+        trainer.train()
+    assert any("tokens/s" in r.getMessage() for r in caplog.records)  # the progress line shows throughput
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # under accelerate's wrapper
     assert isinstance(optimizer, AdamWScale)
     names = {id(p): n for n, p in trainer.model.named_parameters()}
