@@ -46,8 +46,12 @@ class T5Flops:
     dec_layers: int
 
     @classmethod
-    def of(cls, model: Any) -> T5Flops:
-        """Count from the model's own named parameters (so any T5 size, tied head or not)."""
+    def of(cls, model: Any) -> T5Flops | None:
+        """Count from the model's own named parameters (so any T5 size, tied head or not); None for a
+        model that is not a T5 (a BART student, say): its tokens are still counted, its FLOPs not."""
+        cfg = model.config
+        if not all(hasattr(cfg, key) for key in ("num_heads", "d_kv", "num_layers", "num_decoder_layers")):
+            return None
         pe = pd = 0
         seen: set[int] = set()
         for name, p in model.named_parameters():
@@ -64,7 +68,6 @@ class T5Flops:
                     pd += p.numel()
         head = model.get_output_embeddings()
         pd += head.weight.numel()  # the LM head runs per target token even when tied to the embeddings
-        cfg = model.config
         return cls(pe, pd, cfg.num_heads * cfg.d_kv, cfg.num_layers, cfg.num_decoder_layers)
 
     def batch(self, enc_lengths: Any, dec_lengths: Any) -> Any:

@@ -263,9 +263,10 @@ class PretrainTrainer(Seq2SeqTrainer):
 
     Each training micro-batch adds its non-pad tokens and model FLOPs (`fsa_distill.mfu`) to two
     device tensors; a log entry reads them once and reports `tokens_per_second`,
-    `model_flops_per_second` and `mfu` (on a known card) for the steps since the previous entry,
-    across all ranks. `mfu` goes to the callbacks (progress, live metrics) but not into the log
-    history, which is content: its ratio is `model_flops_per_second` over the card's peak."""
+    `model_flops_per_second` and `mfu` (on a known card) for the steps since the previous entry
+    (under DDP, rank 0's counts times the world size). `mfu` goes to the callbacks (progress, live
+    metrics) but not into the log history, which is content: it is `model_flops_per_second` over
+    the card's peak. A student that is not a T5 gets tokens/s only."""
 
     def __init__(self, *args: Any, recipe: Mapping[str, Any], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -298,7 +299,8 @@ class PretrainTrainer(Seq2SeqTrainer):
 
     def _count(self, inputs: Mapping[str, Any]) -> None:
         enc, dec = inputs["attention_mask"].sum(1), inputs["labels"].ne(-100).sum(1)
-        tokens, flops = enc.sum() + dec.sum(), self._flops_of.batch(enc, dec)
+        tokens = enc.sum() + dec.sum()
+        flops = self._flops_of.batch(enc, dec) if self._flops_of is not None else tokens.new_zeros(())
         if self._since is None:
             self._since = time.perf_counter()
         self._tokens = tokens if self._tokens is None else self._tokens + tokens
@@ -313,7 +315,10 @@ class PretrainTrainer(Seq2SeqTrainer):
         tokens, flops = float(self._tokens) * world, float(self._flops) * world
         self._tokens = self._flops = None
         self._since = now
-        out = {"tokens_per_second": tokens / seconds, "model_flops_per_second": flops / seconds}
+        out = {"tokens_per_second": tokens / seconds}
+        if self._flops_of is None:
+            return out
+        out["model_flops_per_second"] = flops / seconds
         precision = "bf16" if self.args.bf16 else "tf32" if self.args.tf32 else "fp32"
         peak = peak_flops(self.args.device, precision)
         if peak:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from transformers import PrinterCallback, Seq2SeqTrainingArguments
+from transformers import AutoTokenizer, PrinterCallback, Seq2SeqTrainingArguments
 
 from fsa_distill.artifacts import Artifact
 from fsa_distill.ddp import (
@@ -39,7 +39,7 @@ from fsa_distill.ddp import (
     training_arguments,
     training_stage,
 )
-from fsa_distill.models import TRAIN_LOCK, last_checkpoint, load_seq2seq, write_log
+from fsa_distill.models import MODEL_LOCK, TRAIN_LOCK, last_checkpoint, write_log
 from fsa_distill.pretraining import (
     ensure_newline_token,
     load_student,
@@ -72,7 +72,8 @@ def pretrain(out: Path, *, scratch: Path, student: Artifact, corpus: Artifact, o
     """Pretrain `student` with `objective` on the cleaned corpus (or its `corpus_size` prefix); write the
     model and `pretrain_log.json`. With a `trainer` (devices x nodes > 1), data-parallel in torchrun
     ranks (`fsa_distill.ddp`); without, in this process."""
-    _, tokenizer = load_seq2seq(student.path)  # tokenised once here, before any rank starts
+    with MODEL_LOCK:  # tokenised once here, before any rank starts (the tokenizer alone: no weights)
+        tokenizer = AutoTokenizer.from_pretrained(student.path)
     ensure_newline_token(tokenizer)
     data = tokenize_to_disk(objective, Path(corpus.path) / "corpus.parquet", tokenizer, pretrain,
                             Path(scratch) / "tokenized", corpus_size)  # fmt: skip

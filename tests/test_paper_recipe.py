@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from fsa_distill.tasks.student import NEWLINE_TOKEN as STUDENT_NEWLINE_TOKEN
-from transformers import Seq2SeqTrainingArguments
+from transformers import Seq2SeqTrainingArguments, TrainerCallback
 
 from fsa_distill.artifacts import Artifact, seal
 from fsa_distill.config import compose_config
@@ -189,3 +189,40 @@ def test_resume_continues_the_paper_schedule_and_optimizer_exactly(setup, tmp_pa
     assert lrs[1] == pytest.approx(lrs[0], rel=1e-9)
     for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_model_flops_of_t5_base_count_the_head_cross_attention_and_attention():
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    from fsa_distill.mfu import T5Flops, peak_flops
+
+    config = T5Config(d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12,
+                      vocab_size=32128)  # fmt: skip
+    with torch.device("meta"):
+        flops = T5Flops.of(T5ForConditionalGeneration(config))
+        bart = BartForConditionalGeneration(BartConfig(d_model=32, encoder_layers=1, decoder_layers=1))
+    # per input token: 12 encoder layers (4 x 768^2 attention + 2 x 768 x 3072 FFN) + the decoder's
+    # cross-attention keys and values; per target token: the rest of the decoder and the 768 x 32128 head
+    assert (flops.per_input_token, flops.per_target_token) == (99_090_432, 123_764_736)
+    one = flops.batch(torch.tensor([128]), torch.tensor([400]))
+    linear = 6 * (99_090_432 * 128 + 123_764_736 * 400)
+    assert float(one) == linear + 12 * 768 * 12 * (128**2 + 400**2 + 128 * 400)
+    assert float(flops.batch(torch.full((100,), 128), torch.full((100,), 400))) == pytest.approx(39.83e12, rel=1e-3)
+    assert T5Flops.of(bart) is None  # not a T5: tokens/s only
+    assert peak_flops(torch.device("cpu"), "bf16") is None
+
+
+def test_a_known_peak_gives_mfu_in_progress_but_not_in_the_history(setup, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("FSA_PEAK_TFLOPS", "0.001")  # 1 GFLOP/s: a made-up card, so MFU is reported on CPU
+    seen = []
+
+    class Spy(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(state.log_history[-1]))
+
+    trainer = _trainer(setup, tmp_path, max_steps=2, batch_size=8)
+    trainer.add_callback(Spy())
+    trainer.train()
+    steps = [entry for entry in seen if "loss" in entry]
+    assert steps and all(0 < e["mfu"] == pytest.approx(e["model_flops_per_second"] / 1e9) for e in steps)
+    assert all("mfu" not in h for h in trainer.state.log_history)
