@@ -35,8 +35,10 @@ class AdamWScale(torch.optim.Optimizer):
     m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
     p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * max(1e-3, RMS(p)) * m / (sqrt(v) + eps);
     then decoupled weight decay p -= lr * wd * p (after the update, unscaled, as the paper).
-    `foreach` (default: on) computes the same with multi-tensor kernels; `foreach=False` is the
-    paper's loop, one tensor at a time.
+    `foreach=True` computes the same with multi-tensor kernels, `foreach=False` is the paper's
+    loop, one tensor at a time; the default (None) takes multi-tensor for CUDA tensors, where it saves
+    a host round trip per tensor (4-5x faster on t5-base, H200), and the loop on a CPU, where it was
+    faster (the embedded student: 3.7 against 6.0 ms per update).
     """
 
     def __init__(
@@ -46,7 +48,7 @@ class AdamWScale(torch.optim.Optimizer):
         betas: tuple[float, float] = PAPER_BETAS,
         eps: float = PAPER_EPS,
         weight_decay: float = 0.0,
-        foreach: bool = True,
+        foreach: bool | None = None,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"AdamWScale: learning rate {lr} is negative")
@@ -77,7 +79,7 @@ class AdamWScale(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-            if group["foreach"]:
+            if group["foreach"] if group["foreach"] is not None else params[0].is_cuda:
                 self._foreach_group(group, params)
             else:
                 for p in params:

@@ -6,7 +6,7 @@ runs it on a bare GPU box (no Prefect or MLflow there). Everything a training st
 * the examples are tokenised once, before training, into an Arrow dataset on disk
   (`tokenize_to_disk`); every DataLoader worker memory-maps it, and a resumed run reads it again;
 * `pretrain.optimizer`: `adamw` (torch's AdamW through the Trainer) or `adamw_scale` (the paper's
-  `fsa_distill.optim.AdamWScale`, multi-tensor);
+  `fsa_distill.optim.AdamWScale`, multi-tensor on CUDA);
 * `pretrain.lr_schedule`: `cosine` (linear warm-up from 0, cosine to `min_learning_rate`) or
   `paper` (the paper's LinearLR + cosine, as its torch 2.1 ran it: `fsa_distill.optim`);
 * `pretrain.tf32`, `pretrain.torch_compile`, `pretrain.dataloader_workers`,
@@ -273,7 +273,7 @@ class PretrainTrainer(Seq2SeqTrainer):
         self.recipe = recipe
         if recipe.get("optimizer", "adamw") == "adamw_scale":
             # read by Trainer.create_optimizer, which still builds the decay / no-decay groups
-            self.optimizer_cls_and_kwargs = (AdamWScale, {"lr": recipe["learning_rate"], "foreach": True})
+            self.optimizer_cls_and_kwargs = (AdamWScale, {"lr": recipe["learning_rate"]})
         self._flops_of = T5Flops.of(self.model)
         self._tokens: torch.Tensor | None = None
         self._flops: torch.Tensor | None = None
