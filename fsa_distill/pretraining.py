@@ -223,7 +223,7 @@ def recipe_args(cfg: Mapping[str, Any], scratch: Path) -> dict[str, Any]:
     """`Seq2SeqTrainingArguments` keywords of the pretraining recipe for one process.
 
     The schedule named `paper` is built by `PretrainTrainer`; `lr_scheduler_type` is then unused.
-    TF32 and bf16 apply on CUDA only (a CPU run trains in fp32, as it always did)."""
+    TF32 and bf16 apply on CUDA only (a CPU run trains in fp32, as it always did); TF32 from Ampere on."""
     use_cuda = torch.cuda.is_available()
     workers = int(cfg.get("dataloader_workers", 0))
     return dict(
@@ -248,7 +248,7 @@ def recipe_args(cfg: Mapping[str, Any], scratch: Path) -> dict[str, Any]:
         report_to=[],
         disable_tqdm=True,
         bf16=bool(cfg["bf16"]) and use_cuda,
-        tf32=bool(cfg.get("tf32", False)) if use_cuda else None,
+        tf32=True if cfg.get("tf32") and _has_tf32() else None,
         torch_compile=bool(cfg.get("torch_compile", False)),
         use_cpu=not use_cuda,
         dataloader_num_workers=workers,
@@ -256,6 +256,12 @@ def recipe_args(cfg: Mapping[str, Any], scratch: Path) -> dict[str, Any]:
         dataloader_pin_memory=use_cuda,
         remove_unused_columns=False,
     )
+
+
+def _has_tf32() -> bool:
+    """TF32 matmuls exist on CUDA cards from Ampere on; elsewhere `pretrain.tf32` is a no-op (the
+    Trainer would refuse the argument)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
 class PretrainTrainer(Seq2SeqTrainer):
