@@ -57,9 +57,11 @@ def make_runner(runner: dict[str, Any], torch_threads: int = 0) -> Any:
     """The configured Prefect task runner: threads, a local Dask cluster of worker processes, or
     the running Dask scheduler at `runner.address`.
 
-    A local Dask worker gets as many torch threads as a stage of the thread runner (`torch_threads`,
-    or this process's torch default): Dask's nanny would start it with `OMP_NUM_THREADS=1`, which leaves all but one
-    core idle whenever one stage (pretraining, say) is all that can run.
+    Each local Dask worker gets `torch_threads` torch threads, or by default its share of this
+    machine's (torch's thread count / `runner.workers`, at least 1): busy workers then fill the cores
+    without oversubscribing them. Dask's nanny would start every worker with `OMP_NUM_THREADS=1`,
+    which leaves most cores idle on a machine with more cores than workers. (Measured on 2 cores:
+    two workers of 2 threads each put 4 threads on 2 cores and ran the default job far slower.)
     """
     if runner["kind"] == "dask":
         from prefect_dask import DaskTaskRunner
@@ -69,7 +71,10 @@ def make_runner(runner: dict[str, Any], torch_threads: int = 0) -> Any:
             return DaskTaskRunner(address=runner["address"])
         return DaskTaskRunner(
             cluster_class=local_cluster,
-            cluster_kwargs={"n_workers": runner["workers"], "torch_threads": torch_threads or _torch_threads()},
+            cluster_kwargs={
+                "n_workers": runner["workers"],
+                "torch_threads": torch_threads or max(1, _torch_threads() // max(1, runner["workers"])),
+            },
         )
     return ThreadPoolTaskRunner(max_workers=runner["workers"])
 

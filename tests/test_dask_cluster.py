@@ -126,12 +126,15 @@ def _torch_threads() -> int:
 
 
 def test_local_dask_workers_get_the_torch_threads_of_a_thread_runner_stage():
-    """Dask's nanny starts workers with OMP_NUM_THREADS=1: a lone pretraining stage would use one core."""
+    """Dask's nanny starts workers with OMP_NUM_THREADS=1: one worker on a machine of several cores
+    would use one of them. By default each worker gets its share of the cores; `torch_threads` wins."""
     from distributed import Client
     from fsa_distill.flows.pipeline import make_runner
 
-    for threads, expected in ((1, 1), (0, _torch_threads())):
-        runner = make_runner({"kind": "dask", "workers": 1, "address": None}, torch_threads=threads)
+    cores = _torch_threads()
+    assert cores > 1, "this test needs a machine with 2 or more cores"
+    for threads, workers, expected in ((1, 1, 1), (0, 1, cores), (0, 2, max(1, cores // 2))):
+        runner = make_runner({"kind": "dask", "workers": workers, "address": None}, torch_threads=threads)
         cluster = runner.cluster_class(**runner.cluster_kwargs, dashboard_address=None)
         with cluster, Client(cluster) as client:
             assert set(client.run(_torch_threads).values()) == {expected}
