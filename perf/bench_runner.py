@@ -1,6 +1,6 @@
 """The whole flow on a 2-worker Dask cluster against the thread runner in one process, back to back.
 
-    python -m perf.bench_runner [OVERRIDE ...]            # default: the default job
+    python -m perf.bench_runner [--only=thread|--only=dask] [OVERRIDE ...]   # default: the default job
 
 Runs `fsa-distill run OVERRIDES` twice, each in a fresh workdir: `runner=thread` (the default: one
 process, training one at a time) and `runner=dask runner.workers=2` (a local Dask cluster of two
@@ -37,19 +37,25 @@ def main() -> None:
     from fsa_distill.flows.pipeline import format_summary
 
     extra = sys.argv[1:]
+    only = None
+    if extra and extra[0].startswith("--only="):  # one runner, e.g. to rerun it after a change
+        only, extra = extra[0].split("=", 1)[1], extra[1:]
     root = Path(tempfile.mkdtemp(prefix="bench-runner-"))
     runs = {
         "thread (1 process)": ["runner=thread", *extra],
         "dask (2 worker processes)": ["runner=dask", "runner.workers=2", *extra],
     }
+    if only:
+        runs = {name: overrides for name, overrides in runs.items() if name.startswith(only)}
     times = {}
     print(f"overrides: {' '.join(extra) or '(the default job)'}; {platform.machine()}, {os.cpu_count()} cores")
     for i, (name, overrides) in enumerate(runs.items()):
         seconds, result = _run(root / f"run{i}", overrides)
         times[name] = seconds
         print(f"\n{name}: {seconds / 60:.1f} min\n{format_summary(result['stages'])}", flush=True)
-    thread, dask = times.values()
-    print(f"\ndask / thread wall time: {dask / thread:.2f}x")
+    if len(times) == 2:
+        thread, dask = times.values()
+        print(f"\ndask / thread wall time: {dask / thread:.2f}x")
 
 
 if __name__ == "__main__":
