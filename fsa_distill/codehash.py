@@ -31,6 +31,9 @@ EXCLUDED = frozenset(
         "fsa_distill.progress",
         "fsa_distill.locks",
         "fsa_distill.store",
+        # FLOP counts and card peaks feed measurements only (tokens/s, MFU: outside every content
+        # hash); a new card in its table must not retrain a 200k-step pretraining
+        "fsa_distill.mfu",
     }
 )
 
