@@ -257,6 +257,10 @@ class PretrainConfig:
     max_grad_norm: float = 1.0
     bf16: bool = False
     group_by_length: bool = True
+    # Each optimizer step's shuffled examples sorted by length and cut into `grad_accum` micro-batches
+    # (per rank) of balanced padded cost: transformers' BatchRebalanceSampler. The same kind of
+    # random global batch, less padding; it matters with grad_accum > 1 or several ranks.
+    batch_rebalance: bool = False
     save_steps: int = 100
     # The optimizer and schedule: `adamw` + `cosine` (the embedded default), or the paper's
     # `adamw_scale` (nanoT5's AdamWScale) + `paper` (LinearLR then cosine, as its torch 2.1 ran it).
@@ -441,6 +445,8 @@ def validate(cfg: dict[str, Any]) -> None:
     for key, known in (("optimizer", ("adamw", "adamw_scale")), ("lr_schedule", ("cosine", "paper"))):
         if recipe[key] not in known:
             raise ValueError(f"pretrain.{key}={recipe[key]!r} is not one of {', '.join(known)}")
+    if recipe["batch_rebalance"] and recipe["group_by_length"]:
+        raise ValueError("pretrain.batch_rebalance and pretrain.group_by_length are two samplers: choose one")
     if recipe["dataloader_workers"] < 0 or (recipe["pad_to_multiple_of"] or 1) < 1:
         raise ValueError("pretrain.dataloader_workers must be >= 0 and pretrain.pad_to_multiple_of >= 1 (or null)")
     for objective in cfg["pretrain"]["objectives"]:

@@ -15,11 +15,17 @@ released Mixtral outputs, review -> teacher text) through the pretraining stage'
   `tuned` must reach its loss (within bf16/TF32 rounding), at a higher rate;
 * `compile`, `pad64`: `tuned` with `torch.compile`, or with lengths padded to multiples of 64;
 * `grouped`: `compile` with length-grouped batches (less padding, a different batch order);
+* `rebalance2`, `rebalance4`: `compile` with each random batch of 100 sorted by length and cut into
+  2 x ~50 or 4 x ~25 micro-batches of balanced padded cost (`pretrain.batch_rebalance`): the same
+  examples per update as `compile`, less padding, smaller kernels;
+* `tuned_rb2`, `tuned_rb4`: the same without compile (the CPU comparison); `tuned_2x`, `tuned_4x`:
+  random micro-batches of 50 or 25 (what the split alone does, without the sort);
 * `default`, `default_scale`: the embedded default's recipe (batches of 16) with AdamW, and with the
   paper's AdamWScale and schedule: run with `--warmup 0 --steps 200` (the default's length).
 
-Prints, per arm, non-pad tokens/s, optimizer steps/s, model FLOPs utilisation (`fsa_distill.mfu`:
-against the card's dense peak on CUDA; on a CPU against a measured fp32 matmul rate), the mean
+Prints, per arm, non-pad tokens/s, the share of the padded positions holding real tokens, optimizer
+steps/s, model FLOPs utilisation (`fsa_distill.mfu`: against the card's dense peak on CUDA; on a
+CPU against a measured fp32 matmul rate), the mean
 token loss on 200 fixed examples after training, peak GPU memory, the 200k-step time, and the
 ratio to `today`; then the AdamWScale update time, the paper's per-tensor loop against the
 multi-tensor one. With `--student` and `--corpus` (a student folder, a folder with corpus.parquet)
@@ -67,6 +73,10 @@ ARMS["paper"] = {**ARMS["today"], "optimizer": "adamw_scale", "lr_schedule": "pa
 ARMS["compile"] = {**ARMS["tuned"], "torch_compile": True}
 ARMS["pad64"] = {**ARMS["tuned"], "pad_to_multiple_of": 64}
 ARMS["grouped"] = {**ARMS["compile"], "group_by_length": True}
+for _k in (2, 4):
+    ARMS[f"rebalance{_k}"] = {**ARMS["compile"], "batch_size": 100 // _k, "grad_accum": _k, "batch_rebalance": True}
+    ARMS[f"tuned_rb{_k}"] = {**ARMS[f"rebalance{_k}"], "torch_compile": False}
+    ARMS[f"tuned_{_k}x"] = {**ARMS[f"tuned_rb{_k}"], "batch_rebalance": False}  # the split without the sort
 # The embedded default's recipe (conf/pretrain/default.yaml) with its AdamW, and with the paper's
 # optimizer and schedule: which trains the small student better (`--warmup 0 --steps 200`)?
 ARMS["default"] = {"batch_size": 16, "grad_accum": 1, "optimizer": "adamw", "lr_schedule": "cosine", "bf16": False,
@@ -155,6 +165,16 @@ def run_arm(name: str, overrides: dict[str, Any], student: Path, shape: str, dat
     window = _Window(warmup)
     window.trainer = trainer
     trainer.add_callback(window)
+    positions: dict[str, Any] = {"real": 0, "padded": 0}
+    count = trainer._count
+
+    def count_positions(inputs: dict[str, Any]) -> None:  # real tokens summed on the device: no sync
+        if window.start is not None:
+            positions["padded"] += inputs["input_ids"].numel() + inputs["labels"].numel()
+            positions["real"] = positions["real"] + inputs["attention_mask"].sum() + inputs["labels"].ne(-100).sum()
+        count(inputs)
+
+    trainer._count = count_positions
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -171,6 +191,7 @@ def run_arm(name: str, overrides: dict[str, Any], student: Path, shape: str, dat
         "arm": name,
         "batch": f"{recipe['batch_size']} x {recipe['grad_accum']}",
         "tokens_per_s": rates["tokens_per_second"],
+        "real_share": float(positions["real"]) / max(positions["padded"], 1),
         "steps_per_s": steps / seconds,
         "mfu": mfu,
         "loss": loss,
@@ -259,14 +280,15 @@ def main() -> None:
         if args.out:
             with args.out.open("a") as f:
                 f.write(json.dumps({"device": device, "model": args.model, **result}) + "\n")
-    print(f"\n{'arm':8} {'batch':>9} {'tokens/s':>10} {'steps/s':>8} {'MFU':>6} {'loss':>7} {'peak GiB':>8} "
-          f"{'200k steps':>10} {'vs today':>8}")  # fmt: skip
+    print(f"\n{'arm':10} {'batch':>9} {'tokens/s':>10} {'real':>5} {'steps/s':>8} {'MFU':>6} {'loss':>7} "
+          f"{'peak GiB':>8} {'200k steps':>10} {'vs today':>8}")  # fmt: skip
     base = results[0]["tokens_per_s"]
     for r in results:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         gib = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        print(f"{r['arm']:8} {r['batch']:>9} {r['tokens_per_s']:10.0f} {r['steps_per_s']:8.2f} {mfu:>6} "
-              f"{r['loss']:7.3f} {gib:>8} {r['hours_200k']:9.1f}h {r['tokens_per_s'] / base:7.2f}x")  # fmt: skip
+        print(f"{r['arm']:10} {r['batch']:>9} {r['tokens_per_s']:10.0f} {r['real_share']:5.0%} "
+              f"{r['steps_per_s']:8.2f} {mfu:>6} {r['loss']:7.3f} {gib:>8} {r['hours_200k']:9.1f}h "
+              f"{r['tokens_per_s'] / base:7.2f}x")  # fmt: skip
     print(f"AdamWScale update: paper's loop {optim['loop']:.1f} ms, multi-tensor {optim['foreach']:.1f} ms "
           f"({optim['loop'] / optim['foreach']:.1f}x)")  # fmt: skip
 

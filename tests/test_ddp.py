@@ -148,6 +148,20 @@ def test_a_killed_two_process_run_resumes_from_its_checkpoint(killed_and_resumed
 
 
 @pytest.mark.slow
+def test_two_processes_with_rebalanced_micro_batches_train_as_one_process_of_8(killed_and_resumed, store_setup):
+    """`pretrain.batch_rebalance` on 2 ranks x 2 micro-batches: each update's 8 random examples are
+    sorted by length and dealt to the ranks' micro-batches (transformers' BatchRebalanceSampler, which
+    shards for the ranks itself), and the run trains like one process on random batches of 8."""
+    two = _params(store_setup, *TWO, "pretrain.batch_size=4", "pretrain.grad_accum=2", "pretrain.batch_rebalance=true")
+    assert two["trainer"]["world_size"] == 2
+    rebalanced = _losses(pretrain.run(store_setup[0], two))
+    reference = _losses(killed_and_resumed["reference"])
+    assert [s for s, _ in rebalanced] == [s for s, _ in reference]
+    for (step, want), (_, got) in zip(reference, rebalanced, strict=True):
+        assert math.isclose(got, want, rel_tol=LOSS_RTOL), (step, got, want)
+
+
+@pytest.mark.slow
 def test_finetune_on_two_processes_scores_each_dev_row_once_in_order(tmp_path):
     """23 dev rows in batches of 2 per rank: the last rank pads its shard with a repeated row, which
     Seq2SeqTrainer gathers too (24 rows); the order check in `dev_f1_metric` runs on what came back

@@ -226,3 +226,100 @@ def test_a_known_peak_gives_mfu_in_progress_but_not_in_the_history(setup, tmp_pa
     steps = [entry for entry in seen if "loss" in entry]
     assert steps and all(0 < e["mfu"] == pytest.approx(e["model_flops_per_second"] / 1e9) for e in steps)
     assert all("mfu" not in h for h in trainer.state.log_history)
+
+
+def _record_batches(trainer) -> list[tuple[list[tuple[int, ...]], int]]:
+    """Each training micro-batch as it reached the model: its examples (non-pad input ids) and its
+    padded size (input and label positions, pad included)."""
+    seen, count = [], trainer._count
+
+    def spy(inputs):
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        examples = [tuple(row[keep].tolist()) for row, keep in zip(ids, mask, strict=True)]
+        seen.append((examples, ids.numel() + inputs["labels"].numel()))
+        count(inputs)
+
+    trainer._count = spy
+    return seen
+
+
+def test_batch_rebalance_steps_hold_one_shuffled_global_batch_with_less_padding(setup, corpus_200, tmp_path):  # noqa: F811
+    """`pretrain.batch_rebalance`: each update still trains on 100 examples drawn at random (each of the
+    200 once per epoch), cut into 4 micro-batches of similar lengths, so less of the batch is padding
+    than with random micro-batches of 25; the run's seed draws the batches."""
+    store, cfg, student, _ = setup
+    runs = {}
+    for name, overrides in {
+        "random": {"batch_rebalance": False},
+        "rebalance": {"batch_rebalance": True},
+    }.items():
+        trainer = _trainer((store, cfg, student, corpus_200), tmp_path / name, max_steps=2, batch_size=25,
+                           grad_accum=4, group_by_length=False, max_source_length=512, max_target_length=1024,
+                           **overrides)  # fmt: skip
+        batches = _record_batches(trainer)
+        trainer.train()
+        runs[name] = batches
+    dataset = trainer.train_dataset
+    everything = sorted(tuple(x) for x in dataset["input_ids"])
+    for name, batches in runs.items():
+        assert len(batches) == 8, name  # 2 updates x 4 micro-batches
+        steps = [[x for examples, _ in batches[k : k + 4] for x in examples] for k in (0, 4)]
+        assert [len(s) for s in steps] == [100, 100]
+        assert sorted(steps[0] + steps[1]) == everything  # an epoch: every example once
+    sizes = [len(examples) for examples, _ in runs["rebalance"]]
+    assert len(set(sizes)) > 1  # balanced by padded cost, not by count: long examples go in smaller batches
+    padded = {name: sum(size for _, size in batches) for name, batches in runs.items()}
+    assert padded["rebalance"] < 0.9 * padded["random"]  # measured: 216,404 against 288,100 positions
+    # the run's seed draws the batches (transformers 5.24 alone draws every run's with seed 42)
+    first = {}
+    for seed in (0, 1):
+        trainer = _trainer((store, cfg, student, corpus_200), tmp_path / f"seed{seed}", max_steps=2, batch_size=25,
+                           grad_accum=4, group_by_length=False, batch_rebalance=True, seed=seed)  # fmt: skip
+        first[seed] = sorted(i for batch in list(trainer._get_train_sampler())[:4] for i in batch)
+    assert len(first[0]) == 100 and first[0] != first[1]
+
+
+def test_rebalanced_micro_batches_update_like_random_batches_of_one_hundred(setup, corpus_200, tmp_path):  # noqa: F811
+    """The paper's random batches of 100 and the same seed's 25 x 4 rebalanced micro-batches: the same
+    100 examples per update (both draw the epoch's order from the run's seed), the same token-mean loss,
+    the same parameters after two updates (the embedded student has no dropout, whose masks would
+    depend on the batch shapes)."""
+    store, cfg, student, _ = setup
+    runs = {}
+    for name, overrides in {
+        "one": {"batch_size": 100, "grad_accum": 1},
+        "rebalance": {"batch_size": 25, "grad_accum": 4, "batch_rebalance": True},
+    }.items():
+        trainer = _trainer((store, cfg, student, corpus_200), tmp_path / name, max_steps=2, group_by_length=False,
+                           **overrides)  # fmt: skip
+        batches = _record_batches(trainer)
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        per_step = len(batches) // 2
+        steps = [sorted(x for b, _ in batches[k * per_step : (k + 1) * per_step] for x in b) for k in (0, 1)]
+        runs[name] = losses, [p.detach().clone() for p in trainer.model.parameters()], steps
+    assert runs["rebalance"][2] == runs["one"][2]
+    assert runs["rebalance"][0] == pytest.approx(runs["one"][0], rel=1e-5)
+    for a, b in zip(runs["one"][1], runs["rebalance"][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_resume_with_batch_rebalance_sees_the_batches_of_a_straight_run(setup, tmp_path):  # noqa: F811
+    kwargs = {"max_steps": 6, "batch_size": 2, "grad_accum": 2, "batch_rebalance": True, "group_by_length": False,
+              "save_steps": 3}  # fmt: skip
+    straight = _trainer(setup, tmp_path / "straight", **kwargs)
+    straight_batches = _record_batches(straight)
+    straight.train()
+    resumed = _trainer(setup, tmp_path / "resumed", **kwargs)
+    resumed_batches = _record_batches(resumed)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "scratch" / "checkpoint-3"))
+    # 24 examples, 4 per update: updates 4-6 are the second half of the first epoch
+    assert [b for b, _ in resumed_batches] == [b for b, _ in straight_batches[6:]]
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_batch_rebalance_and_group_by_length_are_refused_together():
+    with pytest.raises(ValueError, match=r"batch_rebalance and pretrain\.group_by_length"):
+        compose_config(["pretrain.batch_rebalance=true"])  # the default groups by length
+    compose_config(["pretrain.batch_rebalance=true", "pretrain.group_by_length=false"])

@@ -87,6 +87,10 @@ def test_distill_examples_mark_newlines(setup):
     nl = tokenizer.convert_tokens_to_ids(NEWLINE_TOKEN)
     assert len(data) == 24 and any(nl in labels for labels in data["labels"])
     assert all(n == len(x) + len(y) for n, x, y in zip(data["length"], data["input_ids"], data["labels"], strict=True))
+    # batch_rebalance sorts by the targets here: the teacher's texts are longer than the reviews
+    assert data["rebalance_length"] == [len(y) for y in data["labels"]]
+    spans = build_dataset("span_corruption", Path(corpus.path) / "corpus.parquet", tokenizer, cfg["pretrain"])
+    assert spans["rebalance_length"] == [len(x) for x in spans["input_ids"]]  # masked reviews outweigh their spans
 
 
 @pytest.mark.parametrize("objective", ["distill", "span_corruption"])
