@@ -30,6 +30,7 @@ token loss on 200 fixed examples after training, peak GPU memory, the 200k-step 
 ratio to `today`; then the AdamWScale update time, the paper's per-tensor loop against the
 multi-tensor one. With `--student` and `--corpus` (a student folder, a folder with corpus.parquet)
 it needs no Prefect, MLflow or Hydra: it runs on a bare GPU box with torch, transformers, datasets.
+`--padding-only` counts the padding of `batch_rebalance`'s two possible sort keys, without training.
 """
 
 from __future__ import annotations
@@ -204,6 +205,26 @@ def run_arm(name: str, overrides: dict[str, Any], student: Path, shape: str, dat
     return out
 
 
+def padding_by_sort_key(dataset: Any, splits: tuple[int, ...] = (1, 2, 4), batch: int = 100) -> dict[str, Any]:
+    """Real share of the padded positions over one epoch of `BatchRebalanceSampler` (no training):
+    sorting each update by source + target (`length`) against by the longer side (`rebalance_length`)."""
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+    sources = [len(x) for x in dataset["input_ids"]]
+    targets = [len(y) for y in dataset["labels"]]
+    out: dict[str, Any] = {}
+    for key in ("length", "rebalance_length"):
+        for k in splits:
+            sampler = BatchRebalanceSampler(lengths=dataset[key], effective_batch_size=batch, dp_size=1, grad_accum=k,
+                                            seed=0, drop_last=True)  # fmt: skip
+            real = padded = 0
+            for micro in sampler:
+                real += sum(sources[i] + targets[i] for i in micro)
+                padded += len(micro) * (max(sources[i] for i in micro) + max(targets[i] for i in micro))
+            out[f"{key} / {k}"] = real / padded
+    return out
+
+
 def optimizer_step_ms(student: Path, shape: str, updates: int = 20) -> dict[str, float]:
     """Milliseconds per AdamWScale update of the whole model: the paper's loop against multi-tensor."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -252,6 +273,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer updates per arm")
     parser.add_argument("--warmup", type=int, default=3, help="untimed updates first (compilation, caches)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON lines here")
+    parser.add_argument("--padding-only", action="store_true",
+                        help="only count the padding of each sort key for batch_rebalance (no training)")  # fmt: skip
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-recipe-"))
@@ -259,6 +282,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(student)
     ensure_newline_token(tokenizer)
     data = tokenize_to_disk("distill", corpus / "corpus.parquet", tokenizer, PAPER, work / "tokenized")
+    if args.padding_only:
+        for name, share in padding_by_sort_key(load_tokenized(data)).items():
+            print(f"sorted by {name} micro-batches per update: {share:.1%} of the padded positions real")
+        return
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     cpu_peak = None if cuda else cpu_matmul_flops()
