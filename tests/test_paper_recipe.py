@@ -107,6 +107,20 @@ def test_experiment_paper_composes_to_the_papers_recipe():
     assert default["optimizer"] == "adamw" and default["lr_schedule"] == "cosine"
 
 
+def test_experiment_paper_lets_the_teacher_write_analyses_as_long_as_the_papers():
+    """The paper's released Mixtral analyses, counted in the embedded teacher's tokens, fit under
+    `experiment=paper`'s teacher cap with every teacher backend: a cut analysis is dropped by the
+    cleaning, and with the CPU-sized cap of 192 over half of them would be."""
+    from transformers import AutoTokenizer
+
+    from fsa_distill.llm import SMOLLM2, resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(SMOLLM2))
+    longest = max(len(tokenizer(r["mixtral_response"]).input_ids) for r in mixtral_rows(500))
+    for teacher in ("smollm2", "vllm", "openai"):
+        assert compose_config(["experiment=paper", f"teacher={teacher}"])["teacher"]["max_new_tokens"] > longest
+
+
 def test_newline_token_is_the_students():
     assert NEWLINE_TOKEN == STUDENT_NEWLINE_TOKEN
 
