@@ -260,7 +260,8 @@ def _record_batches(trainer) -> list[tuple[list[tuple[int, ...]], int]]:
 def test_batch_rebalance_steps_hold_one_shuffled_global_batch_with_less_padding(setup, corpus_200, tmp_path):  # noqa: F811
     """`pretrain.batch_rebalance`: each update still trains on 100 examples drawn at random (each of the
     200 once per epoch), cut into 4 micro-batches of similar lengths, so less of the batch is padding
-    than with random micro-batches of 25; the run's seed draws the batches."""
+    than with random micro-batches of 25; the run's seed draws the batches. (The micro-batches are
+    read from the Trainer's own training DataLoader: what `train()` iterates.)"""
     store, cfg, student, _ = setup
     runs = {}
     for name, overrides in {
@@ -270,9 +271,11 @@ def test_batch_rebalance_steps_hold_one_shuffled_global_batch_with_less_padding(
         trainer = _trainer((store, cfg, student, corpus_200), tmp_path / name, max_steps=2, batch_size=25,
                            grad_accum=4, group_by_length=False, max_source_length=512, max_target_length=1024,
                            **overrides)  # fmt: skip
-        batches = _record_batches(trainer)
-        trainer.train()
-        runs[name] = batches
+        runs[name] = [
+            ([tuple(row[keep].tolist()) for row, keep in zip(b["input_ids"], b["attention_mask"].bool(), strict=True)],
+             b["input_ids"].numel() + b["labels"].numel())
+            for b in trainer.get_train_dataloader()
+        ]  # fmt: skip
     dataset = trainer.train_dataset
     everything = sorted(tuple(x) for x in dataset["input_ids"])
     for name, batches in runs.items():
