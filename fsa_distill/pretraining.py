@@ -292,9 +292,9 @@ class PretrainTrainer(Seq2SeqTrainer):
     Each training micro-batch adds its non-pad tokens and model FLOPs (`fsa_distill.mfu`) to two
     device tensors; a log entry reads them once and reports `tokens_per_second`,
     `model_flops_per_second` and `mfu` (on a known card) for the steps since the previous entry
-    (under DDP, rank 0's counts times the world size). `mfu` goes to the callbacks (progress, live
-    metrics) but not into the log history, which is content: it is `model_flops_per_second` over
-    the card's peak. A student that is not a T5 gets tokens/s only."""
+    (under DDP, the sums over the ranks, and `mfu` against the peak of all their cards). `mfu` goes
+    to the callbacks (progress, live metrics) but not into the log history, which is content: it is
+    `model_flops_per_second` over the card's peak. A student that is not a T5 gets tokens/s only."""
 
     def __init__(self, *args: Any, recipe: Mapping[str, Any], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -348,7 +348,13 @@ class PretrainTrainer(Seq2SeqTrainer):
             return {}
         now = time.perf_counter()
         seconds, world = max(now - self._since, 1e-9), self.args.world_size
-        tokens, flops = float(self._tokens) * world, float(self._flops) * world
+        counts = torch.stack([self._tokens.double(), self._flops.double()])
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank logs at the same step (the Trainer gathers the loss there too): one small
+            # all-reduce per log entry sums what each rank really trained on, which differs between
+            # ranks (random lengths; batch_rebalance evens the cost, not the token count)
+            torch.distributed.all_reduce(counts)
+        tokens, flops = counts.tolist()
         self._tokens = self._flops = None
         self._since = now
         out = {"tokens_per_second": tokens / seconds}

