@@ -442,7 +442,9 @@ def validate(cfg: dict[str, Any]) -> None:
     if not seeds(cfg):
         raise ValueError("finetune.seeds is empty")
     recipe = cfg["pretrain"]
-    for key, known in (("optimizer", ("adamw", "adamw_scale")), ("lr_schedule", ("cosine", "paper"))):
+    from fsa_distill.optim import LR_SCHEDULES, OPTIMIZERS
+
+    for key, known in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES)):
         if recipe[key] not in known:
             raise ValueError(f"pretrain.{key}={recipe[key]!r} is not one of {', '.join(known)}")
     if recipe["batch_rebalance"] and recipe["group_by_length"]:

@@ -22,6 +22,10 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 #: The paper's Adam settings (pre-training/utils/optim.py defaults; joint.sh passes none).
+#: `pretrain.optimizer` and `pretrain.lr_schedule` choices: the config's validation and the Trainer
+#: (`fsa_distill.pretraining.make_trainer`) both read these.
+OPTIMIZERS = ("adamw", "adamw_scale")
+LR_SCHEDULES = ("cosine", "paper")
 PAPER_BETAS = (0.9, 0.999)
 PAPER_EPS = 1e-6
 #: The floor of the RMS scale: a tensor of zeros (a fresh bias) still moves.

@@ -38,13 +38,11 @@ from fsa_distill.errors import InputError
 from fsa_distill.losses import token_mean_loss
 from fsa_distill.mfu import T5Flops, peak_flops
 from fsa_distill.models import load_seq2seq
-from fsa_distill.optim import AdamWScale, paper_schedule
+from fsa_distill.optim import LR_SCHEDULES, OPTIMIZERS, AdamWScale, paper_schedule
 
 #: The student tokenizer's newline token (the same string as `fsa_distill.tasks.student.NEWLINE_TOKEN`,
 #: which this module cannot import without the pipeline; a test keeps the two equal).
 NEWLINE_TOKEN = "[NL]"
-OPTIMIZERS = ("adamw", "adamw_scale")
-LR_SCHEDULES = ("cosine", "paper")
 
 OBJECTIVES = ("distill", "span_corruption")
 #: Seed of the one fixed shuffled order of the cleaned corpus whose prefixes `distill.corpus_size` takes.
