@@ -304,6 +304,7 @@ class PretrainTrainer(Seq2SeqTrainer):
         self._tokens: torch.Tensor | None = None
         self._flops: torch.Tensor | None = None
         self._since: float | None = None
+        self._rebalance: BatchRebalanceSampler | None = None
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
         if self.recipe.get("lr_schedule", "cosine") != "paper" or self.lr_scheduler is not None:
@@ -320,10 +321,24 @@ class PretrainTrainer(Seq2SeqTrainer):
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Any:
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, BatchRebalanceSampler):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if self.args.length_column_name not in dataset.column_names:
+                # transformers would quietly sort by the length of input_ids alone
+                raise InputError(f"pretrain.batch_rebalance: the tokenised examples have no "
+                                 f"{self.args.length_column_name!r} column (built by build_dataset)")  # fmt: skip
             # transformers 5.24 leaves it at its own seed 42 whatever the run's seed: every run would
             # see the same batches in the same order
             sampler.seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            self._rebalance = sampler
         return sampler
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        # The Trainer tells the sampler its epoch one wrapper down (transformers 5.24, accelerate
+        # 1.15); a DDP run resumed mid-epoch wraps it twice (skipped batches around the rank
+        # shard), so it would replay epoch 0's order for the rest of that epoch.
+        if self._rebalance is not None:
+            self._rebalance.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:  # fmt: skip

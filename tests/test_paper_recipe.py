@@ -20,6 +20,7 @@ from transformers import Seq2SeqTrainingArguments, TrainerCallback
 
 from fsa_distill.artifacts import Artifact, seal
 from fsa_distill.config import compose_config
+from fsa_distill.errors import InputError
 from fsa_distill.models import load_seq2seq
 from fsa_distill.optim import AdamWScale, paper_lr_factor, paper_schedule
 from fsa_distill.pretraining import NEWLINE_TOKEN, load_tokenized, make_trainer, recipe_args, tokenize_to_disk
@@ -321,19 +322,49 @@ def test_rebalanced_micro_batches_update_like_random_batches_of_one_hundred(setu
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_resume_with_batch_rebalance_sees_the_batches_of_a_straight_run(setup, tmp_path):  # noqa: F811
-    kwargs = {"max_steps": 6, "batch_size": 2, "grad_accum": 2, "batch_rebalance": True, "group_by_length": False,
-              "save_steps": 3}  # fmt: skip
+@pytest.mark.parametrize("ddp_wrapping", [False, True], ids=["one-process", "ddp-wrapping"])
+def test_resume_with_batch_rebalance_sees_the_batches_of_a_straight_run(setup, tmp_path, monkeypatch, ddp_wrapping):  # noqa: F811
+    """Resumed in the second epoch (24 examples, 4 per update: checkpoint-8 is 2 updates into it), the
+    run trains on the batches of a straight run. `ddp-wrapping` wraps the sampler as a DDP run's
+    resume does (its skipped batches around accelerate's rank shard): there, without the Trainer's
+    own `set_epoch`, the resumed run replayed the first epoch's order."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    kwargs = {"max_steps": 9, "batch_size": 2, "grad_accum": 2, "batch_rebalance": True, "group_by_length": False,
+              "save_steps": 8}  # fmt: skip
     straight = _trainer(setup, tmp_path / "straight", **kwargs)
     straight_batches = _record_batches(straight)
     straight.train()
+    if ddp_wrapping:
+        import transformers.trainer
+
+        skip = transformers.trainer.skip_first_batches
+
+        def skip_as_under_ddp(dataloader, num_batches=0):
+            skipped = skip(dataloader, num_batches)
+            inner = skipped.batch_sampler.batch_sampler
+            skipped.batch_sampler.batch_sampler = BatchSamplerShard(inner, num_processes=1, process_index=0)
+            return skipped
+
+        monkeypatch.setattr(transformers.trainer, "skip_first_batches", skip_as_under_ddp)
     resumed = _trainer(setup, tmp_path / "resumed", **kwargs)
     resumed_batches = _record_batches(resumed)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "scratch" / "checkpoint-3"))
-    # 24 examples, 4 per update: updates 4-6 are the second half of the first epoch
-    assert [b for b, _ in resumed_batches] == [b for b, _ in straight_batches[6:]]
+    resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "scratch" / "checkpoint-8"))
+    examples = [b for b, _ in straight_batches]
+    assert examples[16:18] != examples[4:6]  # the second epoch has an order of its own
+    assert [b for b, _ in resumed_batches] == examples[16:18]
     for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_batch_rebalance_needs_its_sort_key(setup, tmp_path):  # noqa: F811
+    """Examples tokenised without `rebalance_length` (not by `build_dataset`) are refused by name:
+    transformers would otherwise sort them by the length of their input ids alone."""
+    trainer = _trainer(setup, tmp_path, max_steps=2, batch_size=2, grad_accum=2, batch_rebalance=True,
+                       group_by_length=False)  # fmt: skip
+    trainer.train_dataset = trainer.train_dataset.remove_columns("rebalance_length")
+    with pytest.raises(InputError, match="no 'rebalance_length' column"):
+        trainer.train()
 
 
 def test_batch_rebalance_and_group_by_length_are_refused_together():
