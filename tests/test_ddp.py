@@ -279,13 +279,16 @@ def test_vllm_replicas_split_prompts_and_gpus():
 def _rank_throughput(rank: int, init: str, out: str) -> None:
     """One rank: counts of its own (rank 0 trained on 100 tokens, rank 1 on 200), then a log entry."""
     import time as _time
+    from datetime import timedelta
     from types import SimpleNamespace
 
     import torch.distributed as dist
 
     from fsa_distill.pretraining import PretrainTrainer
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    os.environ["FSA_PEAK_TFLOPS"] = "0.001"  # a made-up card of 1 GFLOP/s, so MFU is reported on a CPU
+    # a short timeout: a collective only one rank reaches would otherwise hang for gloo's 30 minutes
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=60))
     me = SimpleNamespace(
         _tokens=torch.tensor(100 * (rank + 1)), _flops=torch.tensor(1e12 * (rank + 1), dtype=torch.float64),
         _since=_time.perf_counter() - 1000.0, _flops_of=object(),
@@ -299,7 +302,7 @@ def _rank_throughput(rank: int, init: str, out: str) -> None:
 def test_ranks_report_the_tokens_all_of_them_trained_on(tmp_path):
     """Under DDP each rank trains on its own lengths, so rank 0's count times the world size is not
     the run's: a log entry sums the ranks' counts (300 tokens and 3e12 FLOPs over ~1000 s here, where
-    rank 0 x 2 would say 200 and rank 1 x 2 400)."""
+    rank 0 x 2 would say 200 and rank 1 x 2 400), and MFU is against the two cards' peak."""
     import torch.multiprocessing as mp
 
     # forked: the ranks share this process's imports (a spawned rank spends ~3 s importing)
@@ -309,3 +312,4 @@ def test_ranks_report_the_tokens_all_of_them_trained_on(tmp_path):
         rates = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert rates["tokens_per_second"] == pytest.approx(0.3, rel=1e-3)
         assert rates["model_flops_per_second"] == pytest.approx(3e9, rel=1e-3)
+        assert rates["mfu"] == pytest.approx(3e9 / (1e9 * 2), rel=1e-3)  # against both ranks' cards

@@ -145,6 +145,8 @@ def test_mlflow_and_prefect_pages_show_the_run(tmp_path):
         assert parent["info"]["run_name"] in mlflow_dom
         assert parent["info"]["run_name"] in experiment_dom, "the experiment page does not list the runs"
         assert flow_run["name"] in prefect_dom
+        pngs = sorted(p.name for p in shots.iterdir())
+        assert pngs == ["mlflow-experiment.png", "mlflow-run.png", "prefect-flow-run.png"], pngs
         for png in shots.iterdir():
             assert _not_blank(png), png
         keep = os.environ.get("FSA_SCREENSHOTS_DIR")  # to refresh the README's copies
