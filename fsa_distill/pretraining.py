@@ -319,13 +319,14 @@ class PretrainTrainer(Seq2SeqTrainer):
         return self.lr_scheduler
 
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Any:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        columns = getattr(dataset, "column_names", None) or []
+        if self.args.train_sampling_strategy == "batch_rebalance" and self.args.length_column_name not in columns:
+            # transformers would quietly sort by the length of input_ids alone (after a pass over them)
+            raise InputError(f"pretrain.batch_rebalance: the tokenised examples have no "
+                             f"{self.args.length_column_name!r} column (built by build_dataset)")  # fmt: skip
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, BatchRebalanceSampler):
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            if self.args.length_column_name not in dataset.column_names:
-                # transformers would quietly sort by the length of input_ids alone
-                raise InputError(f"pretrain.batch_rebalance: the tokenised examples have no "
-                                 f"{self.args.length_column_name!r} column (built by build_dataset)")  # fmt: skip
             # transformers 5.24 leaves it at its own seed 42 whatever the run's seed: every run would
             # see the same batches in the same order
             sampler.seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
