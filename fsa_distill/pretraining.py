@@ -236,6 +236,7 @@ def recipe_args(cfg: Mapping[str, Any], scratch: Path) -> dict[str, Any]:
     TF32 and bf16 apply on CUDA only (a CPU run trains in fp32, as it always did); TF32 from Ampere on."""
     use_cuda = torch.cuda.is_available()
     workers = int(cfg.get("dataloader_workers", 0))
+    sampling = sampling_strategy(cfg)
     return dict(
         output_dir=str(scratch),
         seed=cfg["seed"],
@@ -249,8 +250,8 @@ def recipe_args(cfg: Mapping[str, Any], scratch: Path) -> dict[str, Any]:
         max_grad_norm=cfg["max_grad_norm"],
         per_device_train_batch_size=cfg["batch_size"],
         gradient_accumulation_steps=cfg["grad_accum"],
-        train_sampling_strategy=sampling_strategy(cfg),
-        length_column_name="rebalance_length" if cfg.get("batch_rebalance") else "length",
+        train_sampling_strategy=sampling,
+        length_column_name="rebalance_length" if sampling == "batch_rebalance" else "length",
         save_strategy="steps",
         save_steps=cfg["save_steps"],
         save_total_limit=2,
